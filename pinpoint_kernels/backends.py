@@ -41,11 +41,11 @@ def native_import_error(name: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # find_spec, not import: triton must first be imported after TRITON_INTERPRET is set,
+    # or its helpers stay compiled and fail inside interpreted kernels.
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _backend_module(name: str) -> ModuleType:
