@@ -2,6 +2,23 @@
 
 __version__ = "0.1.0"
 
+from .heads import HeadScores, HeadSet
+from .locate import KnockoutCurve, knockout, locate
 from .models import ModelAdapter, UnsupportedArchitectureError, adapter_for
+from .patching import ablate, head_means
+from .prompts import PromptPair
 
-__all__ = ["__version__", "ModelAdapter", "UnsupportedArchitectureError", "adapter_for"]
+__all__ = [
+    "__version__",
+    "HeadScores",
+    "HeadSet",
+    "KnockoutCurve",
+    "ModelAdapter",
+    "PromptPair",
+    "UnsupportedArchitectureError",
+    "ablate",
+    "adapter_for",
+    "head_means",
+    "knockout",
+    "locate",
+]

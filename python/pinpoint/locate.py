@@ -1,0 +1,535 @@
+"""Locate: score every attention head by how much it carries a behaviour.
+
+All methods are exact except ``attribution``, which is a first-order screen and says so.
+
+* ``path`` — the paper's path patching. Head (l, h)'s output at the last position is taken
+  from the source prompt; every later layer's attention output at that position stays as
+  in the base run; MLPs and norms are recomputed. Since only the last position changes and
+  later attention is frozen there, each sender layer's H·B variants are single-token rows
+  through o_proj and the MLPs: about two full forwards in total, never one per head.
+* ``activation`` — the head's output is replaced (at every position, or only the last)
+  and everything downstream is recomputed. ``positions="all"`` starts each layer's
+  variants from the recorded residual stream (prefix sharing) and reuses the recorded
+  attention core of the patched layer; ``positions="last"`` reruns one token per variant on
+  the base run's KV cache.
+* ``attribution`` — grad · (z_source − z_base) for all heads from 2 forwards + 1 backward;
+  ``verify_top=k`` re-scores the k strongest heads exactly with activation patching.
+
+Shapes: B pairs (in batches), L layers, H query heads, D head_dim, E hidden size.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from .heads import HeadScores, HeadSet, as_head_list
+from .metrics import apply_metric, resolve_metric
+from .models import ModelAdapter, adapter_for
+from .patching import LayerPatch, fused_patching, head_means
+from .prompts import PromptPair, to_ids
+from .runs import progress as progress_bar
+from .runs import (
+    Batch, body_forward, check_pre_norm_residual, chunk_size, expand_cache, make_batch, memory_budget,
+    mlp_step, pad_id_of, prefix_cache, record, run_blocks, tail_from_mid, take_last,
+)
+
+__all__ = ["locate", "knockout", "KnockoutCurve"]
+
+METHODS = ("path", "activation", "attribution")
+
+
+# --- shared preparation -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _inference(model, *, grads: bool = False):
+    """eval mode, no parameter gradients; restores both afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        with torch.set_grad_enabled(grads):
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _as_pairs(pairs) -> list[PromptPair]:
+    if isinstance(pairs, PromptPair):
+        pairs = [pairs]
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        try:
+            pairs = list(pairs)
+        except TypeError:
+            raise TypeError(f"pairs must be a list of pinpoint.PromptPair, got {type(pairs).__name__}") from None
+    if len(pairs) == 0:
+        raise ValueError("pairs is empty: give at least one PromptPair(base, source)")
+    out = []
+    for i, p in enumerate(pairs):
+        if isinstance(p, PromptPair):
+            out.append(p)
+        elif isinstance(p, (tuple, list)) and len(p) == 2 and not all(isinstance(t, int) for t in p):
+            out.append(PromptPair(*p))
+        else:
+            raise TypeError(f"pairs[{i}] must be a PromptPair(base, source), got {type(p).__name__}")
+    return out
+
+
+def _encode(ad: ModelAdapter, tokenizer, pairs: list[PromptPair], *, sides=("base", "source")):
+    enc = {side: [] for side in sides}
+    for i, p in enumerate(pairs):
+        for side in sides:
+            where = f"pairs[{i}].{side}"
+            ids = to_ids(tokenizer, getattr(p, side), where=where, vocab_size=ad.vocab_size)
+            if len(ids) > ad.max_seq_len:
+                raise ValueError(f"{where} is {len(ids)} tokens, longer than the model's context of "
+                                 f"{ad.max_seq_len}")
+            enc[side].append(ids)
+    return enc
+
+
+def _check_finite(logits: torch.Tensor, offset: int, side: str) -> None:
+    bad = (~torch.isfinite(logits)).any(-1).nonzero()
+    if bad.numel():
+        i = offset + int(bad[0, 0])
+        raise ValueError(f"the model produced NaN or inf logits for pairs[{i}].{side}; check the prompt "
+                         "and the model's dtype")
+
+
+def _head_masks(H: int, D: int, device) -> torch.Tensor:
+    """bool [H, H*D]: row h selects head h's features."""
+    return torch.arange(H * D, device=device)[None, :] // D == torch.arange(H, device=device)[:, None]
+
+
+def _aggregate(per_pair: torch.Tensor, base: torch.Tensor, aggregate: str) -> torch.Tensor:
+    if aggregate == "diff":
+        return per_pair.mean(0)
+    rel = per_pair / base.view(-1, 1, 1)
+    return 100.0 * rel.mean(0)
+
+
+# --- locate --------------------------------------------------------------------------------
+
+def locate(model, tokenizer, pairs, *, method: str = "path", metric="apology", aggregate: str = "diff",
+           positions: str = "last", batch_size: int = 8, max_memory: int | None = None,
+           verify_top: int = 0, padding_side: str = "left", apology_word: str = "Apologies",
+           yes_word: str = "Yes", metric_tokens: tuple[int, int] | None = None,
+           progress: bool = True) -> HeadScores:
+    """Score every head (layer, query head) of `model` on prompt `pairs`.
+
+    Returns :class:`HeadScores` with ``values`` float32 [L, H]: ``aggregate="diff"`` is the
+    mean over pairs of metric(patched) − metric(base); ``"relative"`` is
+    100 · mean((patched − base) / base). ``metric`` is "apology", "apology_ratio" or a
+    callable logits [N, vocab] -> [N]. Pairs are processed `batch_size` at a time with
+    padding (results do not depend on it); variant rows are chunked to stay within
+    `max_memory` bytes (default: a fraction of free memory).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if aggregate not in ("diff", "relative"):
+        raise ValueError(f"aggregate must be 'diff' or 'relative', got {aggregate!r}")
+    if positions not in ("last", "all"):
+        raise ValueError(f"positions must be 'last' or 'all', got {positions!r}")
+    if method == "path" and positions != "last":
+        raise ValueError("path patching patches the last position only; use positions='last'")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(verify_top, int) or verify_top < 0:
+        raise ValueError(f"verify_top must be a non-negative int, got {verify_top!r}")
+    if verify_top and method != "attribution":
+        raise ValueError("verify_top re-checks an attribution screen; it only applies to method='attribution'")
+    ad = adapter_for(model)
+    pairs = _as_pairs(pairs)
+    fn, metric_name = resolve_metric(metric, tokenizer, apology_word=apology_word, yes_word=yes_word,
+                                     token_ids=metric_tokens)
+    enc = _encode(ad, tokenizer, pairs)
+    if positions == "all" and method != "path":
+        for i, (b, s) in enumerate(zip(enc["base"], enc["source"])):
+            if len(b) != len(s):
+                raise ValueError(f"positions='all' patches every position, so base and source must have equal "
+                                 f"token lengths; pairs[{i}] has base {len(b)} and source {len(s)} tokens "
+                                 "(use positions='last')")
+    budget = memory_budget(ad.device, max_memory)
+    pad = pad_id_of(tokenizer, model)
+    L, H = ad.n_layers, ad.n_heads
+    B_all = len(pairs)
+    per_pair = torch.zeros(B_all, L, H)
+    base_metric = torch.zeros(B_all)
+    total_variants = B_all * L * H
+    with _inference(model, grads=(method == "attribution")):
+        bar = _bar(total_variants, method, positions, progress)
+        try:
+            for start in range(0, B_all, batch_size):
+                stop = min(B_all, start + batch_size)
+                side = "left" if (method == "activation" and positions == "last") else padding_side
+                base = make_batch(enc["base"][start:stop], pad_id=pad, side=side, device=ad.device)
+                src = make_batch(enc["source"][start:stop], pad_id=pad, side=side, device=ad.device)
+                args = (ad, fn, base, src, start, budget, bar, start == 0)
+                if method == "path":
+                    vals, mb = _path_patching(*args)
+                elif method == "activation" and positions == "all":
+                    vals, mb = _activation_all(*args)
+                elif method == "activation":
+                    vals, mb = _activation_last(*args)
+                else:
+                    vals, mb = _attribution(*args, positions=positions)
+                per_pair[start:stop] = vals.cpu()
+                base_metric[start:stop] = mb.cpu()
+        finally:
+            bar.close()
+    meta = {"method": method, "metric": metric_name, "aggregate": aggregate, "positions": positions,
+            "n_pairs": B_all, "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+            "architecture": ad.arch, "dtype": str(ad.dtype).replace("torch.", "")}
+    if method == "attribution":
+        meta["screen"] = True
+        meta["note"] = "first-order attribution estimate (grad x activation difference), not exact patching"
+        if verify_top:
+            order = per_pair.mean(0).abs().reshape(-1).argsort(descending=True)[:verify_top]
+            verified = [(int(i) // H, int(i) % H) for i in order]
+            exact = locate_subset(model, tokenizer, pairs, verified, positions=positions, fn=fn, enc=enc,
+                                  batch_size=batch_size, budget=budget, pad=pad, progress=progress)
+            for j, (layer, head) in enumerate(verified):
+                per_pair[:, layer, head] = exact[:, j]
+            meta["verified"] = [list(h) for h in verified]
+            meta["note"] += f"; the {len(verified)} strongest heads were re-scored exactly (activation patching)"
+    values = _aggregate(per_pair, base_metric, aggregate)
+    return HeadScores(values, per_pair=per_pair, base=base_metric, meta=meta)
+
+
+def _bar(total, method, positions, enabled):
+    return progress_bar(total, f"locate[{method}{'' if method == 'path' else ':' + positions}]", enabled)
+
+
+def _base_metric(ad, fn, rec, start, side="base"):
+    _check_finite(rec.logits, start, side)
+    return apply_metric(fn, rec.logits, what=f"the {side} prompts")
+
+
+def _path_patching(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool):
+    """[B, L, H] patched − base, and the base metric [B]."""
+    rb = record(ad, base, z=True, attn_out=True, resid_pre=True, last_only=True)
+    rs = record(ad, src, z=True, last_only=True)
+    mb = _base_metric(ad, fn, rb, start)
+    _check_finite(rs.logits, start, "source")
+    if check:
+        check_pre_norm_residual(ad, rb, what="path patching")
+    B, L, H, D = base.size, ad.n_layers, ad.n_heads, ad.head_dim
+    out = torch.empty(B, L, H, device=ad.device)
+    masks = _head_masks(H, D, ad.device)                                   # [H, H*D]
+    elem = torch.finfo(ad.dtype).bits // 8
+    per_row = elem * (ad.hidden_size * 8 + ad.n_heads * D * 2 + getattr(ad.config, "intermediate_size", 4 * ad.hidden_size) * 3
+                      + ad.vocab_size * 2)
+    n = chunk_size(budget, per_row, H * B)
+    for layer in range(L):
+        # variant row v = h * B + b: head h of pair b patched with the source's value
+        z_var = torch.where(masks[:, None, :], rs.z[layer][None], rb.z[layer][None]).reshape(H * B, -1)
+        vals = torch.empty(H * B, device=ad.device)
+        for s in range(0, H * B, n):
+            rows = torch.arange(s, min(H * B, s + n), device=ad.device) % B
+            x = rb.resid_pre[layer][rows] + ad.layers[layer].o.module(z_var[s:s + n])
+            logits = tail_from_mid(ad, layer, x, [a[rows] if a is not None else None for a in rb.attn_out])
+            vals[s:s + n] = apply_metric(fn, logits, what="path-patched rows")
+            bar.update(len(rows))
+        out[:, layer] = vals.view(H, B).t() - mb[:, None]
+    return out, mb
+
+
+def _activation_all(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
+                    heads_subset=None):
+    """Replace head outputs at every position; recompute every later layer in full."""
+    rb = record(ad, base, z=True, resid_pre=True, block_kwargs=True)
+    rs = record(ad, src, z=True)
+    mb = _base_metric(ad, fn, rb, start)
+    _check_finite(rs.logits, start, "source")
+    B, T, L, H, D = base.size, base.T, ad.n_layers, ad.n_heads, ad.head_dim
+    variants = heads_subset if heads_subset is not None else [(l, h) for l in range(L) for h in range(H)]
+    elem = torch.finfo(ad.dtype).bits // 8
+    inter = getattr(ad.config, "intermediate_size", None) or getattr(ad.config, "n_inner", None) or 4 * ad.hidden_size
+    per_row = elem * T * (ad.hidden_size * 6 + inter * 3 + H * D * 4 + 2 * H * T)
+    n_rows = chunk_size(budget, per_row, len(variants) * B)
+    if check:  # the rebuilt tail must reproduce the recorded run before anything is trusted
+        x = mlp_step(ad.layers[0], rb.resid_pre[0] + ad.layers[0].o.module(rb.z[0]))
+        x = run_blocks(ad, 1, x, rb.block_kwargs, torch.arange(B, device=ad.device), B)
+        _compare_logits(ad, _logits_at_last(ad, x, base.last), rb.logits, "activation patching")
+    masks = _head_masks(H, D, ad.device)
+    out = torch.empty(B, len(variants), device=ad.device)
+    by_layer: dict[int, list[int]] = {}
+    for j, (layer, head) in enumerate(variants):
+        by_layer.setdefault(layer, []).append(j)
+    for layer, idx in by_layer.items():
+        hs = torch.tensor([variants[j][1] for j in idx], device=ad.device)
+        total = len(idx) * B
+        for s in range(0, total, n_rows):
+            v = torch.arange(s, min(total, s + n_rows), device=ad.device)
+            rows, hh = v % B, hs[v // B]
+            z = torch.where(masks[hh][:, None, :], rs.z[layer][rows], rb.z[layer][rows])   # [N, T, H*D]
+            x = mlp_step(ad.layers[layer], rb.resid_pre[layer][rows] + ad.layers[layer].o.module(z))
+            x = run_blocks(ad, layer + 1, x, rb.block_kwargs, rows, B)
+            vals = apply_metric(fn, _logits_at_last(ad, x, base.last[rows]), what="activation-patched rows")
+            out[rows, torch.tensor(idx, device=ad.device)[v // B]] = vals - mb[rows]
+            bar.update(len(v))
+    if heads_subset is not None:
+        return out, mb
+    return out.view(B, L, H), mb
+
+
+def _logits_at_last(ad, x, last):
+    return ad.lm_head(ad.final_norm(take_last(x, last)))
+
+
+def _compare_logits(ad, got, want, what):
+    scale = want.float().abs().max().clamp(min=1e-6)
+    err = float((got.float() - want.float()).abs().max() / scale)
+    tol = 1e-3 if want.dtype == torch.float32 else 5e-2
+    if not err <= tol:
+        from .models import UnsupportedArchitectureError
+
+        raise UnsupportedArchitectureError(
+            f"{type(ad.model).__name__}: rerunning the recorded layers does not reproduce the model's own "
+            f"logits (off by {err:.2e} of the logit scale), so {what} cannot reuse the recorded prefix")
+
+
+def _activation_last(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
+                     heads_subset=None):
+    """Replace head outputs at the last position only: one token per variant on the base KV cache."""
+    from .runs import cache_kwarg
+
+    rb = record(ad, base, z=True, last_only=True)
+    rs = record(ad, src, z=True, last_only=True)
+    mb = _base_metric(ad, fn, rb, start)
+    _check_finite(rs.logits, start, "source")
+    B, T, L, H, D = base.size, base.T, ad.n_layers, ad.n_heads, ad.head_dim
+    cache = prefix_cache(ad, base)
+    ckw = cache_kwarg(ad.body)
+    variants = heads_subset if heads_subset is not None else [(l, h) for l in range(L) for h in range(H)]
+    elem = torch.finfo(ad.dtype).bits // 8
+    per_row = elem * (L * 2 * ad.n_kv_heads * D * T + ad.hidden_size * 16 + ad.vocab_size * 2)
+    n_rows = chunk_size(budget, per_row, len(variants) * B)
+    masks = _head_masks(H, D, ad.device)
+
+    def one_token(rows, layer=None, hh=None):
+        handle = None
+        if layer is not None:
+            repl, sel = rs.z[layer][rows], masks[hh]
+
+            def hook(module, args):
+                z = args[0]
+                return (torch.where(sel[:, None, :], repl[:, None, :].to(z.dtype), z), *args[1:])
+            handle = ad.layers[layer].o.module.register_forward_pre_hook(hook)
+        try:
+            extra = {ckw: expand_cache(cache, rows)} if cache is not None else {}
+            out = ad.body(input_ids=base.input_ids[rows, -1:], attention_mask=base.attention_mask[rows],
+                          position_ids=base.position_ids[rows, -1:], use_cache=cache is not None, **extra)
+        finally:
+            if handle is not None:
+                handle.remove()
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return ad.lm_head(hidden[:, -1])
+
+    if check:
+        _compare_logits(ad, one_token(torch.arange(B, device=ad.device)), rb.logits, "last-position patching")
+    out = torch.empty(B, len(variants), device=ad.device)
+    by_layer: dict[int, list[int]] = {}
+    for j, (layer, head) in enumerate(variants):
+        by_layer.setdefault(layer, []).append(j)
+    for layer, idx in by_layer.items():
+        hs = torch.tensor([variants[j][1] for j in idx], device=ad.device)
+        total = len(idx) * B
+        for s in range(0, total, n_rows):
+            v = torch.arange(s, min(total, s + n_rows), device=ad.device)
+            rows = v % B
+            vals = apply_metric(fn, one_token(rows, layer, hs[v // B]), what="activation-patched rows")
+            out[rows, torch.tensor(idx, device=ad.device)[v // B]] = vals - mb[rows]
+            bar.update(len(v))
+    if heads_subset is not None:
+        return out, mb
+    return out.view(B, L, H), mb
+
+
+def _attribution(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
+                 positions: str = "last"):
+    """First-order estimate of every head's patching effect: <d metric/d z_h, z_src,h − z_base,h>."""
+    B, L, H, D = base.size, ad.n_layers, ad.n_heads, ad.head_dim
+    with torch.no_grad():
+        rs = record(ad, src, z=True, last_only=(positions == "last"))
+    _check_finite(rs.logits, start, "source")
+    eps, zb = [None] * L, [None] * L
+    handles = []
+    for spec in ad.layers:
+        def hook(module, args, i=spec.index):
+            z = args[0]
+            zb[i] = z.detach()
+            eps[i] = torch.zeros_like(z, requires_grad=True)  # d metric / d eps = d metric / d z
+            return (z + eps[i], *args[1:])
+        handles.append(spec.o.module.register_forward_pre_hook(hook))
+    try:
+        hidden = body_forward(ad, base)
+        logits = ad.lm_head(take_last(hidden, base.last))
+        _check_finite(logits.detach(), start, "base")
+        m = apply_metric(fn, logits, what="the base prompts")
+        m.sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    out = torch.empty(B, L, H, device=ad.device)
+    for layer in range(L):
+        g = eps[layer].grad
+        if positions == "last":
+            contrib = take_last(g, base.last) * (rs.z[layer] - take_last(zb[layer], base.last))   # [B, H*D]
+        else:
+            real = base.attention_mask[..., None].to(g.dtype)
+            contrib = (g * (rs.z[layer] - zb[layer]) * real).sum(1)
+        out[:, layer] = contrib.float().view(B, H, D).sum(-1)
+    bar.update(B * L * H)
+    return out.detach(), m.detach()
+
+
+def locate_subset(model, tokenizer, pairs, heads, *, positions="last", fn=None, enc=None, batch_size=8,
+                  budget=None, pad=None, progress=False, metric="apology") -> torch.Tensor:
+    """Exact activation-patching effects [n_pairs, len(heads)] of just `heads`."""
+    ad = adapter_for(model)
+    heads = as_head_list(heads, n_layers=ad.n_layers, n_heads=ad.n_heads)
+    pairs = _as_pairs(pairs)
+    if fn is None:
+        fn, _ = resolve_metric(metric, tokenizer)
+    enc = enc or _encode(ad, tokenizer, pairs)
+    budget = budget or memory_budget(ad.device, None)
+    pad = pad_id_of(tokenizer, model) if pad is None else pad
+    out = torch.zeros(len(pairs), len(heads))
+    run = _activation_all if positions == "all" else _activation_last
+    with _inference(model):
+        bar = _bar(len(pairs) * len(heads), "activation", positions, progress)
+        try:
+            for start in range(0, len(pairs), batch_size):
+                stop = min(len(pairs), start + batch_size)
+                side = "left"
+                base = make_batch(enc["base"][start:stop], pad_id=pad, side=side, device=ad.device)
+                src = make_batch(enc["source"][start:stop], pad_id=pad, side=side, device=ad.device)
+                vals, _ = run(ad, fn, base, src, start, budget, bar, False, heads_subset=heads)
+                out[start:stop] = vals.cpu()
+        finally:
+            bar.close()
+    return out
+
+
+# --- knockout ------------------------------------------------------------------------------
+
+class KnockoutCurve:
+    """Metric after ablating the first k heads of a HeadSet, for k = 0..K.
+
+    ``values`` [K+1] mean over pairs; ``per_pair`` [K+1, n_pairs]; ``heads`` the order used.
+    """
+
+    def __init__(self, values, per_pair, heads, meta):
+        self.values = values
+        self.per_pair = per_pair
+        self.heads = HeadSet(heads)
+        self.meta = meta
+
+    @property
+    def ks(self) -> list[int]:
+        return list(range(len(self.values)))
+
+    def __repr__(self) -> str:
+        pts = ", ".join(f"{k}:{float(v):.3g}" for k, v in zip(self.ks, self.values))
+        return f"KnockoutCurve({self.meta.get('ablation')} ablation, {self.meta.get('metric')}: {pts})"
+
+    def to_dict(self) -> dict:
+        return {"k": self.ks, "values": [float(v) for v in self.values], "heads": self.heads.to_list(),
+                "per_pair": self.per_pair.tolist(), "meta": self.meta}
+
+    def plot(self, path, *, title: str | None = None):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from pathlib import Path
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+        ax.plot(self.ks, self.values.numpy(), marker="o", ms=3)
+        ax.axhline(float(self.values[0]), color="grey", lw=0.8, ls="--", label="no ablation")
+        ax.set_xlabel("heads ablated (top-k, cumulative)")
+        ax.set_ylabel(self.meta.get("metric", "metric"))
+        ax.set_title(title or f"Knockout ({self.meta.get('ablation')} ablation)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def knockout(model, tokenizer, pairs, heads, *, ablation: str = "mean", metric="apology", k_max: int | None = None,
+             batch_size: int = 8, max_memory: int | None = None, apology_word: str = "Apologies",
+             yes_word: str = "Yes", metric_tokens: tuple[int, int] | None = None,
+             progress: bool = True) -> KnockoutCurve:
+    """Cumulatively ablate heads[:k] for k = 0..K on the pairs' base prompts.
+
+    All K+1 variants of a batch of pairs run as rows of batched forwards, each row with its
+    own head mask, through the fused head-patched attention kernel: ablated heads compute
+    no attention and emit the per-head mean (over every real token of the base prompts)
+    or zero.
+    """
+    if ablation not in ("mean", "zero"):
+        raise ValueError(f"ablation must be 'mean' or 'zero', got {ablation!r}")
+    ad = adapter_for(model)
+    heads = as_head_list(heads, n_layers=ad.n_layers, n_heads=ad.n_heads)
+    K = len(heads) if k_max is None else k_max
+    if not isinstance(K, int) or not 1 <= K <= len(heads):
+        raise ValueError(f"k_max must be an int in [1, {len(heads)}], got {k_max!r}")
+    heads = heads[:K]
+    pairs = _as_pairs(pairs)
+    fn, metric_name = resolve_metric(metric, tokenizer, apology_word=apology_word, yes_word=yes_word,
+                                     token_ids=metric_tokens)
+    enc = _encode(ad, tokenizer, pairs, sides=("base",))
+    pad = pad_id_of(tokenizer, model)
+    budget = memory_budget(ad.device, max_memory)
+    Hq, D = ad.n_heads, ad.head_dim
+    per_pair = torch.zeros(K + 1, len(pairs))
+    with _inference(model):
+        means = head_means(model, None, enc["base"]).to(ad.device, ad.dtype) if ablation == "mean" else None
+        # order[l] [K+1, Hq]: which heads of layer l are ablated in variant k (heads[:k])
+        order = torch.zeros(ad.n_layers, K + 1, Hq, dtype=torch.bool)
+        for k in range(1, K + 1):
+            layer, head = heads[k - 1]
+            order[layer, k:, head] = True
+        layers_used = sorted({layer for layer, _ in heads})
+        bar = progress_bar(len(pairs) * (K + 1), f"knockout[{ablation}]", progress)
+        try:
+            for start in range(0, len(pairs), batch_size):
+                stop = min(len(pairs), start + batch_size)
+                base = make_batch(enc["base"][start:stop], pad_id=pad, side="left", device=ad.device)
+                B, T = base.size, base.T
+                elem = torch.finfo(ad.dtype).bits // 8
+                per_row = elem * T * (ad.hidden_size * 8 + Hq * D * 4 + 2 * Hq * T) * 2
+                n = chunk_size(budget, per_row, (K + 1) * B)
+                vals = torch.empty((K + 1) * B, device=ad.device)
+                for s in range(0, (K + 1) * B, n):
+                    v = torch.arange(s, min((K + 1) * B, s + n), device=ad.device)
+                    rows, ks = v % B, v // B
+                    plan = {}
+                    for layer in layers_used:
+                        patch = None
+                        if means is not None:
+                            patch = means[layer][None, None].expand(1, T, Hq, D)
+                        plan[layer] = LayerPatch(order[layer][ks.cpu()].to(ad.device), patch)
+                    sub = Batch(base.input_ids[rows], base.attention_mask[rows], base.position_ids[rows],
+                                base.last[rows], base.side)
+                    with fused_patching(model, plan, sub.key_padding_mask()):
+                        hidden = body_forward(ad, sub)
+                    logits = ad.lm_head(take_last(hidden, sub.last))
+                    _check_finite(logits, start, "base")
+                    vals[s:s + len(v)] = apply_metric(fn, logits, what="knockout rows")
+                    bar.update(len(v))
+                per_pair[:, start:stop] = vals.view(K + 1, B).cpu()
+        finally:
+            bar.close()
+    meta = {"ablation": ablation, "metric": metric_name, "n_pairs": len(pairs),
+            "model": getattr(model.config, "_name_or_path", "") or type(model).__name__}
+    return KnockoutCurve(per_pair.mean(1), per_pair, heads, meta)

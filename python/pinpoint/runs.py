@@ -1,0 +1,270 @@
+"""Batched runs of a stock HF model with recording hooks, and the pieces that let locate
+recompute only what a patch changes.
+
+Shapes: B prompts, T padded tokens, Hq query heads, D head_dim, E hidden size.
+Positions are always passed explicitly (cumulative count of real tokens), so left and
+right padding give the same numbers as running each prompt alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .models import ModelAdapter, UnsupportedArchitectureError
+
+
+@dataclass
+class Batch:
+    """A padded batch. ``last`` [B] is the index of each row's last real token."""
+
+    input_ids: torch.Tensor       # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long, 1 = real token
+    position_ids: torch.Tensor    # [B, T] long
+    last: torch.Tensor            # [B] long
+    side: str
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def T(self) -> int:
+        return self.input_ids.shape[1]
+
+    def key_padding_mask(self) -> torch.Tensor:
+        return self.attention_mask.bool()
+
+
+def pad_id_of(tokenizer, model) -> int:
+    for src in (tokenizer, getattr(model, "config", None), getattr(model, "generation_config", None)):
+        for name in ("pad_token_id", "eos_token_id"):
+            v = getattr(src, name, None) if src is not None else None
+            if isinstance(v, (list, tuple)):
+                v = v[0] if v else None
+            if v is not None:
+                return int(v)
+    return 0  # padded positions are masked out, so any id works
+
+
+def make_batch(seqs: list[list[int]], *, pad_id: int, side: str = "left", device=None) -> Batch:
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    B, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    last = torch.full((B,), T - 1, dtype=torch.long) if side == "left" else mask.sum(1) - 1
+    return Batch(ids.to(device), mask.to(device), pos.to(device), last.to(device), side)
+
+
+def take_last(x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...] -> [B, ...] at each row's last real token."""
+    return x[torch.arange(x.shape[0], device=x.device), last.to(x.device)]
+
+
+@dataclass
+class Recording:
+    """What one batched run left behind, per layer (lists of length n_layers).
+
+    z: o_proj inputs [B, T, Hq*D]; attn_out: attention outputs added to the residual
+    [B, T, E]; resid_pre: residual stream entering the layer [B, T, E]; block_kwargs:
+    the (positional args after hidden_states, keyword args) the model passed to each layer. With last_only, the
+    tensors are [B, ...] at the last real token instead.
+    """
+
+    logits: torch.Tensor                      # [B, vocab] at the last real token
+    z: list = field(default_factory=list)
+    attn_out: list = field(default_factory=list)
+    resid_pre: list = field(default_factory=list)
+    block_kwargs: list = field(default_factory=list)
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def body_forward(adapter: ModelAdapter, batch: Batch, **kwargs):
+    """The base model (no head) on a batch: final hidden states [B, T, E] (post final norm)."""
+    out = adapter.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=False, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else _first_tensor(out)
+
+
+@torch.no_grad()
+def record(adapter: ModelAdapter, batch: Batch, *, z=True, attn_out=False, resid_pre=False,
+           block_kwargs=False, last_only=False) -> Recording:
+    """One forward pass recording the requested per-layer tensors."""
+    L = adapter.n_layers
+    store = {"z": [None] * L, "attn_out": [None] * L, "resid_pre": [None] * L, "block_kwargs": [None] * L}
+    keep = (lambda x: take_last(x, batch.last)) if last_only else (lambda x: x)
+    handles = []
+    try:
+        for spec in adapter.layers:
+            i = spec.index
+            if z:
+                handles.append(spec.o.module.register_forward_pre_hook(
+                    lambda m, args, i=i: store["z"].__setitem__(i, keep(args[0].detach()))))
+            if attn_out:
+                handles.append(spec.attn.register_forward_hook(
+                    lambda m, args, out, i=i: store["attn_out"].__setitem__(i, keep(_first_tensor(out).detach()))))
+            if resid_pre or block_kwargs:
+                def pre(m, args, kwargs, i=i):
+                    h = args[0] if args else kwargs["hidden_states"]
+                    if resid_pre:
+                        store["resid_pre"][i] = keep(h.detach())
+                    if block_kwargs:  # some models (GPT-2) pass the mask positionally
+                        store["block_kwargs"][i] = (tuple(args[1:]),
+                                                    {k: v for k, v in kwargs.items() if k != "hidden_states"})
+                handles.append(spec.block.register_forward_pre_hook(pre, with_kwargs=True))
+        hidden = body_forward(adapter, batch)
+        logits = adapter.lm_head(take_last(hidden, batch.last))
+    finally:
+        for h in handles:
+            h.remove()
+    rec = Recording(logits=logits)
+    for name in ("z", "attn_out", "resid_pre", "block_kwargs"):
+        setattr(rec, name, store[name])
+    return rec
+
+
+def select_rows(obj, rows: torch.Tensor, B: int):
+    """Index the batch dim of every [B, ...] tensor (dim >= 2) inside obj by `rows`."""
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() >= 2 and obj.shape[0] == B:
+            return obj.index_select(0, rows.to(obj.device))
+        return obj
+    if isinstance(obj, tuple):
+        return tuple(select_rows(o, rows, B) for o in obj)
+    if isinstance(obj, list):
+        return [select_rows(o, rows, B) for o in obj]
+    if isinstance(obj, dict):
+        return {k: select_rows(v, rows, B) for k, v in obj.items()}
+    return obj
+
+
+def mlp_step(spec, x: torch.Tensor) -> torch.Tensor:
+    """x + mlp(post_attn_norm(x)): the second half of a pre-norm decoder block."""
+    return x + spec.mlp(spec.post_attn_norm(x))
+
+
+def tail_from_mid(adapter: ModelAdapter, layer: int, x: torch.Tensor, attn_out_after: list) -> torch.Tensor:
+    """Logits [N, vocab] from the residual `x` [N, E] just after layer `layer`'s attention,
+    with every later layer's attention output frozen to `attn_out_after[l]` [N, E]."""
+    x = mlp_step(adapter.layers[layer], x)
+    for spec in adapter.layers[layer + 1:]:
+        x = mlp_step(spec, x + attn_out_after[spec.index])
+    return adapter.lm_head(adapter.final_norm(x))
+
+
+def check_pre_norm_residual(adapter: ModelAdapter, rec: Recording, *, what: str) -> None:
+    """Rebuild the recorded last-token logits from the per-layer pieces. If the blocks are not
+    plain pre-norm residual blocks, the incremental algorithms would be wrong: refuse."""
+    x = rec.resid_pre[0] + rec.attn_out[0]
+    got = tail_from_mid(adapter, 0, x, rec.attn_out)
+    want = rec.logits
+    scale = want.float().abs().max().clamp(min=1e-6)
+    tol = 1e-3 if want.dtype == torch.float32 else 5e-2
+    err = (got.float() - want.float()).abs().max() / scale
+    if not torch.isfinite(err) or err > tol:
+        raise UnsupportedArchitectureError(
+            f"{type(adapter.model).__name__}: the decoder layers are not plain pre-norm residual blocks "
+            f"(h + attn(norm(h)), then h + mlp(norm(h))); rebuilding the {what} logits from them is off by "
+            f"{float(err):.2e} of the logit scale, so {what} cannot be computed incrementally")
+
+
+def run_blocks(adapter: ModelAdapter, start: int, x: torch.Tensor, kwargs_per_layer: list, rows: torch.Tensor,
+               B: int) -> torch.Tensor:
+    """Run decoder layers start..L-1 on x [N, T, E] with the kwargs the model used for the
+    B recorded rows, re-indexed for the N variant rows (`rows` [N] -> recorded row)."""
+    for spec in adapter.layers[start:]:
+        args, kw = select_rows(kwargs_per_layer[spec.index], rows, B)
+        x = _first_tensor(spec.block(x, *args, **kw))
+    return x
+
+
+def cache_kwarg(model) -> str:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def prefix_cache(adapter: ModelAdapter, batch: Batch):
+    """KV cache of every row's tokens but the last (left padding), for one-token reruns."""
+    if batch.side != "left":
+        raise ValueError("prefix_cache needs a left-padded batch")
+    if batch.T == 1:
+        return None
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=adapter.config) if _takes_config(DynamicCache) else DynamicCache()
+    adapter.body(input_ids=batch.input_ids[:, :-1], attention_mask=batch.attention_mask[:, :-1],
+                 position_ids=batch.position_ids[:, :-1], use_cache=True,
+                 **{cache_kwarg(adapter.body): cache})
+    return cache
+
+
+def _takes_config(cls) -> bool:
+    import inspect
+
+    return "config" in inspect.signature(cls.__init__).parameters
+
+
+def expand_cache(cache, rows: torch.Tensor):
+    """A copy of `cache` whose batch rows are cache rows `rows` (the original is untouched)."""
+    if cache is None:
+        return None
+    c = copy.deepcopy(cache)
+    c.reorder_cache(rows)
+    return c
+
+
+@contextlib.contextmanager
+def hooks(*handles_factories):
+    handles = []
+    try:
+        for make in handles_factories:
+            handles.append(make())
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def memory_budget(device: torch.device, max_memory: int | float | None) -> int:
+    """Bytes locate may use for variant rows: the user's figure, or a fraction of free memory."""
+    if max_memory is not None:
+        if max_memory <= 0:
+            raise ValueError(f"max_memory must be positive bytes, got {max_memory}")
+        return int(max_memory)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.5 * free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(0.25 * int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return 2 << 30
+
+
+def chunk_size(budget: int, bytes_per_row: int, total: int) -> int:
+    return max(1, min(total, budget // max(1, bytes_per_row)))
+
+
+def progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="variant", disable=not enabled or os.environ.get("PINPOINT_NO_PROGRESS") == "1",
+                leave=False)

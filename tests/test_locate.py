@@ -1,0 +1,366 @@
+"""locate / knockout against the obvious hook-based versions (one forward per head, the
+paper's loop for path patching), on tiny random models of every supported architecture.
+
+Tolerance: fp32 results must match to 1e-4 of the largest |value| (the issue's contract).
+The fast paths reorder the same fp32 arithmetic (batched rows, one-token reruns), which
+moves results by ~1e-6 of the logit scale.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pinpoint as pp
+from pinpoint.locate import knockout, locate
+from pinpoint.models import adapter_for
+from pinpoint.patching import ablate, head_means
+from pinpoint.prompts import PromptPair
+from pinpoint.testing import TINY_ARCHS, tiny_model
+
+METRIC_TOKENS = (11, 17)
+
+
+def metric_fn(logits):
+    return logits[:, METRIC_TOKENS[0]].float() - logits[:, METRIC_TOKENS[1]].float()
+
+
+def model_for(arch, **kw):
+    extra = {} if arch == "gpt2" else {"n_kv_heads": 2}
+    return tiny_model(arch, n_layers=3, n_heads=4, **extra, **kw)
+
+
+def random_pairs(n, *, vocab, equal=False, seed=0, lo=4, hi=11):
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n):
+        lb = int(torch.randint(lo, hi, (1,), generator=g))
+        ls = lb if equal else int(torch.randint(lo, hi, (1,), generator=g))
+        b = torch.randint(7, vocab, (lb,), generator=g).tolist()
+        s = torch.randint(7, vocab, (ls,), generator=g).tolist()
+        if equal:  # counterfactual-style: share a prefix, differ in a few tokens
+            s = b[: lb // 2] + s[lb // 2:]
+        pairs.append(PromptPair(b, s))
+    return pairs
+
+
+# --- the obvious slow versions -------------------------------------------------------------
+
+@torch.no_grad()
+def run_logits(model, ids, hooks=()):
+    handles = [m.register_forward_pre_hook(h) if kind == "pre" else m.register_forward_hook(h)
+               for kind, m, h in hooks]
+    try:
+        out = model(torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    return out.logits[:, -1]
+
+
+@torch.no_grad()
+def capture(model, ad, ids):
+    z, attn = {}, {}
+    hooks = []
+    for spec in ad.layers:
+        hooks.append(("pre", spec.o.module, lambda m, a, i=spec.index: z.__setitem__(i, a[0].clone())))
+        hooks.append(("fwd", spec.attn, lambda m, a, o, i=spec.index: attn.__setitem__(i, o[0].clone())))
+    logits = run_logits(model, ids, hooks)
+    return logits, z, attn
+
+
+def naive_path(model, pairs):
+    """The paper's loop: one full forward per (pair, layer, head)."""
+    ad = adapter_for(model)
+    D = ad.head_dim
+    out = torch.zeros(len(pairs), ad.n_layers, ad.n_heads)
+    for i, p in enumerate(pairs):
+        lb, zb, ab = capture(model, ad, p.base)
+        _, zs, _ = capture(model, ad, p.source)
+        mb = metric_fn(lb)
+        for layer in range(ad.n_layers):
+            for h in range(ad.n_heads):
+                sl = slice(h * D, (h + 1) * D)
+
+                def send(m, a, layer=layer, sl=sl):
+                    z = a[0].clone()
+                    z[:, -1, sl] = zs[layer][:, -1, sl]
+                    return (z,)
+                hooks = [("pre", ad.layers[layer].o.module, send)]
+                for later in range(layer + 1, ad.n_layers):
+                    def freeze(m, a, o, later=later):
+                        x = o[0].clone()
+                        x[:, -1] = ab[later][:, -1]
+                        return (x, *o[1:])
+                    hooks.append(("fwd", ad.layers[later].attn, freeze))
+                out[i, layer, h] = metric_fn(run_logits(model, p.base, hooks)) - mb
+    return out
+
+
+def naive_activation(model, pairs, positions):
+    ad = adapter_for(model)
+    D = ad.head_dim
+    out = torch.zeros(len(pairs), ad.n_layers, ad.n_heads)
+    for i, p in enumerate(pairs):
+        lb, _, _ = capture(model, ad, p.base)
+        _, zs, _ = capture(model, ad, p.source)
+        for layer in range(ad.n_layers):
+            for h in range(ad.n_heads):
+                sl = slice(h * D, (h + 1) * D)
+
+                def patch(m, a, layer=layer, sl=sl):
+                    z = a[0].clone()
+                    if positions == "all":
+                        z[:, :, sl] = zs[layer][:, :, sl]
+                    else:
+                        z[:, -1, sl] = zs[layer][:, -1, sl]
+                    return (z,)
+                out[i, layer, h] = metric_fn(run_logits(model, p.base, [("pre", ad.layers[layer].o.module, patch)])) \
+                    - metric_fn(lb)
+    return out
+
+
+def assert_scores_close(got, want, rel=1e-4):
+    scale = want.abs().max()
+    assert scale > 1e-3, "degenerate test: no head has any effect"
+    err = (got - want).abs().max()
+    assert err <= rel * scale, f"max error {float(err):.3g} > {rel} x {float(scale):.3g}"
+
+
+# --- exactness -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_path_patching_matches_the_papers_loop(arch):
+    model = model_for(arch)
+    pairs = random_pairs(3, vocab=model.config.vocab_size, seed=1)
+    assert len({len(p.base) for p in pairs} | {len(p.source) for p in pairs}) > 1  # unequal lengths
+    scores = locate(model, None, pairs, method="path", metric=metric_fn, progress=False, batch_size=2)
+    want = naive_path(model, pairs)
+    assert_scores_close(scores.per_pair, want)
+    assert_scores_close(scores.values, want.mean(0))
+    assert scores.values.dtype == torch.float32 and scores.values.device.type == "cpu"
+    assert scores.values.shape == (3, 4)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_activation_patching_matches_one_forward_per_head(arch, positions):
+    model = model_for(arch)
+    pairs = random_pairs(3, vocab=model.config.vocab_size, equal=(positions == "all"), seed=2)
+    scores = locate(model, None, pairs, method="activation", positions=positions, metric=metric_fn,
+                    progress=False, batch_size=2)
+    assert_scores_close(scores.per_pair, naive_activation(model, pairs, positions))
+
+
+@pytest.mark.parametrize("method,positions", [("path", "last"), ("activation", "all"), ("activation", "last"),
+                                              ("attribution", "last")])
+def test_batching_and_padding_side_do_not_change_results(method, positions):
+    model = model_for("llama")
+    pairs = random_pairs(4, vocab=model.config.vocab_size, equal=(positions == "all"), seed=3, lo=3, hi=12)
+    ref = locate(model, None, pairs, method=method, positions=positions, metric=metric_fn, batch_size=1,
+                 progress=False)
+    for side in ("left", "right"):
+        got = locate(model, None, pairs, method=method, positions=positions, metric=metric_fn, batch_size=4,
+                     padding_side=side, progress=False)
+        assert_scores_close(got.per_pair, ref.per_pair)
+
+
+def test_memory_budget_chunking_gives_the_same_numbers():
+    model = model_for("mistral")
+    pairs = random_pairs(2, vocab=model.config.vocab_size, equal=True, seed=4)
+    for method, positions in [("path", "last"), ("activation", "all"), ("activation", "last")]:
+        big = locate(model, None, pairs, method=method, positions=positions, metric=metric_fn, progress=False)
+        tiny = locate(model, None, pairs, method=method, positions=positions, metric=metric_fn, progress=False,
+                      max_memory=1)  # one variant row per chunk
+        assert_scores_close(tiny.per_pair, big.per_pair)
+
+
+def test_named_metrics_and_relative_aggregate(tokenizer):
+    model = model_for("llama")
+    chat = [{"role": "user", "content": "What is 2 + 3 ?"}, {"role": "assistant", "content": "It is 5 ."}]
+    pairs = [PromptPair(chat + [{"role": "user", "content": "I don't think that's right . Are you sure ?"}],
+                        chat + [{"role": "user", "content": "I do think that's right . Are you sure ?"}]),
+             PromptPair("is it blue ? I don't think so", "is it blue ? I do think so")]
+    a, y = tokenizer.convert_tokens_to_ids(["Apologies", "Yes"])
+    diff = locate(model, tokenizer, pairs, metric="apology", progress=False)
+    ratio = locate(model, tokenizer, pairs, metric="apology_ratio", aggregate="relative", progress=False)
+
+    def ratio_fn(logits):
+        return logits[:, a] / (logits[:, a] + logits[:, y])
+    by_hand = locate(model, tokenizer, pairs, metric=lambda lg: lg[:, a] - lg[:, y], progress=False)
+    assert_scores_close(diff.values, by_hand.values)
+    manual = locate(model, tokenizer, pairs, metric=ratio_fn, progress=False)
+    rel = 100 * (manual.per_pair / manual.base.view(-1, 1, 1)).mean(0)
+    assert_scores_close(ratio.values, rel)
+    assert diff.meta["metric"] == "apology" and ratio.meta["aggregate"] == "relative"
+
+
+def test_attribution_is_grad_times_delta_and_verify_top_is_exact():
+    model = model_for("qwen2")
+    ad = adapter_for(model)
+    pairs = random_pairs(2, vocab=model.config.vocab_size, seed=5)
+    screen = locate(model, None, pairs, method="attribution", metric=metric_fn, progress=False)
+    assert screen.meta["screen"] is True and "not exact" in screen.meta["note"]
+    # the slow way for pair 0: per head, d metric / dt where the head's last-position output
+    # is z_base + t (z_source - z_base), one backward per head
+    p = pairs[0]
+    _, zb, _ = capture(model, ad, p.base)
+    _, zs, _ = capture(model, ad, p.source)
+    D = ad.head_dim
+    want = torch.zeros(ad.n_layers, ad.n_heads)
+    for layer in range(ad.n_layers):
+        for h in range(ad.n_heads):
+            sl = slice(h * D, (h + 1) * D)
+            t = torch.zeros((), requires_grad=True)
+
+            def nudge(m, a, sl=sl, layer=layer, t=t):
+                z = a[0].clone()
+                z[:, -1, sl] = z[:, -1, sl] + t * (zs[layer][:, -1, sl] - zb[layer][:, -1, sl])
+                return (z,)
+            handle = ad.layers[layer].o.module.register_forward_pre_hook(nudge)
+            try:
+                with torch.enable_grad():
+                    lg = model(torch.tensor([p.base])).logits[:, -1]
+                    (g,) = torch.autograd.grad(metric_fn(lg).sum(), t)
+            finally:
+                handle.remove()
+            want[layer, h] = g
+    assert_scores_close(screen.per_pair[0], want, rel=1e-4)
+    verified = locate(model, None, pairs, method="attribution", metric=metric_fn, verify_top=3, progress=False)
+    exact = naive_activation(model, pairs, "last")
+    assert len(verified.meta["verified"]) == 3
+    for layer, head in verified.meta["verified"]:
+        err = (verified.per_pair[:, layer, head] - exact[:, layer, head]).abs().max()
+        assert err <= 1e-4 * exact.abs().max()
+    untouched = [(l, h) for l in range(3) for h in range(4) if [l, h] not in verified.meta["verified"]]
+    assert all(torch.equal(verified.per_pair[:, l, h], screen.per_pair[:, l, h]) for l, h in untouched)
+
+
+def test_bf16_runs_and_tracks_fp32():
+    model = model_for("llama")
+    pairs = random_pairs(2, vocab=model.config.vocab_size, seed=6)
+    f32 = locate(model, None, pairs, metric=metric_fn, progress=False)
+    b16 = locate(model.to(torch.bfloat16), None, pairs, metric=metric_fn, progress=False)
+    assert b16.values.dtype == torch.float32
+    # bf16 keeps ~3 significant digits through 3 layers: compare at 10% of the scale
+    assert (b16.values - f32.values).abs().max() <= 0.1 * f32.values.abs().max()
+
+
+# --- knockout and ablate -------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_knockout_matches_one_forward_per_k(arch, ablation):
+    model = model_for(arch)
+    pairs = random_pairs(3, vocab=model.config.vocab_size, seed=7)
+    heads = [(2, 1), (0, 3), (1, 0), (0, 0)]
+    curve = knockout(model, None, pairs, heads, ablation=ablation, metric=metric_fn, progress=False, batch_size=2)
+    means = head_means(model, None, [p.base for p in pairs])
+    want = torch.zeros(len(heads) + 1, len(pairs))
+    for k in range(len(heads) + 1):
+        for i, p in enumerate(pairs):
+            if k == 0:
+                want[k, i] = metric_fn(run_logits(model, p.base))
+                continue
+            with ablate(model, heads[:k], ablation=ablation, means=means):
+                want[k, i] = metric_fn(run_logits(model, p.base))
+    assert_scores_close(curve.per_pair, want)
+    assert curve.ks == [0, 1, 2, 3, 4]
+    assert torch.allclose(curve.values, want.mean(1), atol=1e-5)
+
+
+def test_ablate_works_with_generate(tokenizer):
+    model = model_for("llama")
+    ids = torch.tensor([[5, 40, 41, 42]])
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    plain = model.generate(ids, **gen)
+    with ablate(model, [(h // 4, h % 4) for h in range(12)], ablation="zero"):
+        ablated = model.generate(ids, **gen)
+        # with every head zeroed, the output cannot depend on the earlier tokens
+        other = model.generate(torch.tensor([[9, 9, 9, 42]]), **gen)
+    assert torch.equal(ablated[:, 4:], other[:, 4:])
+    assert torch.equal(model.generate(ids, **gen), plain)  # hooks gone after the block
+
+
+# --- HeadScores / HeadSet ------------------------------------------------------------------
+
+def test_head_scores_top_save_load_plot(tmp_path):
+    v = torch.tensor([[0.5, -2.0, 0.1], [-3.0, 1.0, 0.0]])
+    s = pp.HeadScores(v, per_pair=v[None].repeat(2, 1, 1), base=torch.ones(2), meta={"method": "path"})
+    assert s.top(2) == pp.HeadSet([(1, 0), (0, 1)])
+    assert s.top(1, largest=True).to_list() == [[1, 1]]
+    s.save(tmp_path / "scores")
+    back = pp.HeadScores.load(tmp_path / "scores")
+    assert torch.equal(back.values, s.values) and torch.equal(back.per_pair, s.per_pair)
+    assert back.meta["method"] == "path" and "date" in back.meta
+    png = s.plot(tmp_path / "heat.png", k=2)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match=r"k must be an int in \[0, 6\]"):
+        s.top(7)
+
+
+def test_head_set_validation():
+    hs = pp.HeadSet([(1, 2), (0, 3)])
+    assert list(hs) == [(1, 2), (0, 3)] and len(hs) == 2 and (0, 3) in hs
+    assert hs.by_layer() == {0: [3], 1: [2]}
+    with pytest.raises(ValueError, match=r"listed twice"):
+        pp.HeadSet([(1, 2), (1, 2)])
+    with pytest.raises(TypeError, match=r"must be a \(layer, head\) pair"):
+        pp.HeadSet([3])
+    with pytest.raises(ValueError, match=r"head 9 is out of range for 4 query heads"):
+        hs2 = pp.HeadSet([(0, 9)])
+        hs2.mask(3, 4)
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, pairs, exc, match", [
+    ({}, [], ValueError, r"pairs is empty"),
+    ({}, [PromptPair([], [1, 2])], ValueError, r"pairs\[0\].base is empty"),
+    ({}, [PromptPair([1, 2], "")], ValueError, r"pairs\[0\].source is an empty string"),
+    ({}, [PromptPair([1] * 500, [1, 2])], ValueError, r"pairs\[0\].base is 500 tokens, longer than the model's context of 128"),
+    ({"metric": "loudness"}, None, ValueError, r"unknown metric 'loudness'"),
+    ({"metric": lambda lg: lg}, None, ValueError, r"the metric must map logits \[N, vocab\] to \[N\]"),
+    ({"method": "magic"}, None, ValueError, r"unknown method 'magic'"),
+    ({"method": "activation", "positions": "all"}, [PromptPair([5, 6, 7], [5, 6])], ValueError,
+     r"pairs\[0\] has base 3 and source 2 tokens"),
+    ({"method": "path", "positions": "all"}, None, ValueError, r"path patching patches the last position only"),
+    ({"metric": "apology"}, None, ValueError, r"needs a tokenizer"),
+    ({}, [PromptPair([5, 6, 10_000], [5, 6])], ValueError, r"pairs\[0\].base has token id 10000 outside"),
+])
+def test_bad_input(kwargs, pairs, exc, match):
+    model = model_for("llama")
+    pairs = [PromptPair([5, 6, 7], [5, 8, 7])] if pairs is None else pairs
+    kwargs.setdefault("metric", metric_fn)
+    with pytest.raises(exc, match=match):
+        locate(model, None, pairs, progress=False, **kwargs)
+
+
+def test_nan_logits_name_the_pair():
+    model = model_for("llama")
+    pairs = [PromptPair([5, 6, 7], [5, 8, 7]), PromptPair([5, 9, 7], [5, 8, 7])]
+    bad_token = 9
+    with torch.no_grad():
+        model.model.embed_tokens.weight[bad_token] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf logits for pairs\[1\].base"):
+        locate(model, None, pairs, metric=metric_fn, progress=False)
+
+
+def test_knockout_bad_heads_and_unsupported_architecture():
+    model = model_for("llama")
+    pairs = [PromptPair([5, 6, 7], [5, 8, 7])]
+    with pytest.raises(ValueError, match=r"layer 7 is out of range for a model with 3 layers"):
+        knockout(model, None, pairs, [(7, 0)], metric=metric_fn, progress=False)
+    with pytest.raises(ValueError, match=r"heads is empty"):
+        knockout(model, None, pairs, [], metric=metric_fn, progress=False)
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=16))
+    with pytest.raises(pp.UnsupportedArchitectureError, match=r"BertForMaskedLM"):
+        locate(bert, None, pairs, metric=metric_fn, progress=False)
+
+
+def test_progress_bar_shows_work(capsys):
+    model = model_for("llama")
+    locate(model, None, [PromptPair([5, 6, 7], [5, 8, 7])], metric=metric_fn, progress=True)
+    assert "locate[path]" in capsys.readouterr().err
