@@ -2,6 +2,9 @@
 
 __version__ = "0.1.0"
 
+from . import data
+from .evaluate import EvalReport, evaluate
+from .general import evaluate_choices, kl_divergence
 from .heads import HeadScores, HeadSet
 from .locate import KnockoutCurve, knockout, locate
 from .models import ModelAdapter, UnsupportedArchitectureError, adapter_for
@@ -10,6 +13,7 @@ from .prompts import PromptPair
 
 __all__ = [
     "__version__",
+    "EvalReport",
     "HeadScores",
     "HeadSet",
     "KnockoutCurve",
@@ -18,7 +22,11 @@ __all__ = [
     "UnsupportedArchitectureError",
     "ablate",
     "adapter_for",
+    "data",
+    "evaluate",
+    "evaluate_choices",
     "head_means",
+    "kl_divergence",
     "knockout",
     "locate",
 ]
