@@ -92,6 +92,36 @@ class HeadSet:
     def to_list(self) -> list[list[int]]:
         return [list(h) for h in self._heads]
 
+    def save(self, path: str | Path) -> Path:
+        """Write a JSON file {"format": ..., "heads": [[layer, head], ...]}."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"format": "pinpoint.HeadSet/1", "heads": self.to_list()}, indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, k: int | None = None) -> "HeadSet":
+        """A HeadSet JSON file, or a saved HeadScores directory (its top `k` heads, default
+        about 4% of all heads as in the paper)."""
+        path = Path(path)
+        if path.is_dir():
+            scores = HeadScores.load(path)
+            k = k if k is not None else max(1, round(0.04 * scores.values.numel()))
+            return scores.top(k)
+        if not path.exists():
+            raise FileNotFoundError(f"heads file {path} does not exist")
+        try:
+            info = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"heads file {path} is not JSON: {exc}") from None
+        heads = info.get("heads") if isinstance(info, dict) else info
+        if heads is None:
+            raise ValueError(f"heads file {path} has no 'heads' list")
+        hs = cls(as_head_list(heads, where=f"{path}: heads"))
+        return hs[:k] if k is not None else hs
+
     def mask(self, n_layers: int, n_heads: int) -> torch.Tensor:
         """bool [n_layers, n_heads], True at the selected heads."""
         as_head_list(self._heads, n_layers=n_layers, n_heads=n_heads, allow_empty=True)
