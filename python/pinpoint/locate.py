@@ -258,24 +258,29 @@ def _activation_all(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, b
         _compare_logits(ad, _logits_at_last(ad, x, base.last), rb.logits, "activation patching")
     masks = _head_masks(H, D, ad.device)
     out = torch.empty(B, len(variants), device=ad.device)
+    for layer, rows, hh, cols in _variant_chunks(variants, B, n_rows, ad.device):
+        z = torch.where(masks[hh][:, None, :], rs.z[layer][rows], rb.z[layer][rows])   # [N, T, H*D]
+        x = mlp_step(ad.layers[layer], rb.resid_pre[layer][rows] + ad.layers[layer].o.module(z))
+        x = run_blocks(ad, layer + 1, x, rb.block_kwargs, rows, B)
+        vals = apply_metric(fn, _logits_at_last(ad, x, base.last[rows]), what="activation-patched rows")
+        out[rows, cols] = vals - mb[rows]
+        bar.update(len(rows))
+    return (out if heads_subset is not None else out.view(B, L, H)), mb
+
+
+def _variant_chunks(variants, B: int, n_rows: int, device):
+    """Variant rows (head variant j, pair b), grouped by layer and chunked to n_rows:
+    yields (layer, pair index [N], head [N], variant index [N])."""
     by_layer: dict[int, list[int]] = {}
-    for j, (layer, head) in enumerate(variants):
+    for j, (layer, _) in enumerate(variants):
         by_layer.setdefault(layer, []).append(j)
     for layer, idx in by_layer.items():
-        hs = torch.tensor([variants[j][1] for j in idx], device=ad.device)
+        idx_t = torch.tensor(idx, device=device)
+        heads = torch.tensor([variants[j][1] for j in idx], device=device)
         total = len(idx) * B
         for s in range(0, total, n_rows):
-            v = torch.arange(s, min(total, s + n_rows), device=ad.device)
-            rows, hh = v % B, hs[v // B]
-            z = torch.where(masks[hh][:, None, :], rs.z[layer][rows], rb.z[layer][rows])   # [N, T, H*D]
-            x = mlp_step(ad.layers[layer], rb.resid_pre[layer][rows] + ad.layers[layer].o.module(z))
-            x = run_blocks(ad, layer + 1, x, rb.block_kwargs, rows, B)
-            vals = apply_metric(fn, _logits_at_last(ad, x, base.last[rows]), what="activation-patched rows")
-            out[rows, torch.tensor(idx, device=ad.device)[v // B]] = vals - mb[rows]
-            bar.update(len(v))
-    if heads_subset is not None:
-        return out, mb
-    return out.view(B, L, H), mb
+            v = torch.arange(s, min(total, s + n_rows), device=device)
+            yield layer, v % B, heads[v // B], idx_t[v // B]
 
 
 def _logits_at_last(ad, x, last):
@@ -334,21 +339,11 @@ def _activation_last(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, 
     if check:
         _compare_logits(ad, one_token(torch.arange(B, device=ad.device)), rb.logits, "last-position patching")
     out = torch.empty(B, len(variants), device=ad.device)
-    by_layer: dict[int, list[int]] = {}
-    for j, (layer, head) in enumerate(variants):
-        by_layer.setdefault(layer, []).append(j)
-    for layer, idx in by_layer.items():
-        hs = torch.tensor([variants[j][1] for j in idx], device=ad.device)
-        total = len(idx) * B
-        for s in range(0, total, n_rows):
-            v = torch.arange(s, min(total, s + n_rows), device=ad.device)
-            rows = v % B
-            vals = apply_metric(fn, one_token(rows, layer, hs[v // B]), what="activation-patched rows")
-            out[rows, torch.tensor(idx, device=ad.device)[v // B]] = vals - mb[rows]
-            bar.update(len(v))
-    if heads_subset is not None:
-        return out, mb
-    return out.view(B, L, H), mb
+    for layer, rows, hh, cols in _variant_chunks(variants, B, n_rows, ad.device):
+        vals = apply_metric(fn, one_token(rows, layer, hh), what="activation-patched rows")
+        out[rows, cols] = vals - mb[rows]
+        bar.update(len(rows))
+    return (out if heads_subset is not None else out.view(B, L, H)), mb
 
 
 def _attribution(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
