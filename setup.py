@@ -109,7 +109,8 @@ class NinjaBuildExt(build_ext):
             f"rule link\n  command = {cxx} $in -o $out {ldflags}",
         ]
         if ext.kind == "cuda":
-            lines.append(f"rule nvcc\n  command = {shlex.quote(nvcc)} {nvflags} -c $in -o $out")
+            lines.append(f"rule nvcc\n  command = {shlex.quote(nvcc)} {nvflags} -MD -MF $out.d -c $in -o $out"
+                         "\n  depfile = $out.d\n  deps = gcc")
         objects = []
         for src in ext.sources:
             src_path = (ROOT / src).resolve()

@@ -105,7 +105,7 @@ def head_patched_attention(
         key_padding_mask = key_padding_mask.contiguous()
 
     scale = float(D**-0.5 if scale is None else scale)
-    _, fn = backends.resolve(OP, q.device, backend)
+    _, fn = backends.resolve(OP, q.device, backend, head_dim=D)
     if q.numel() == 0:
         return q.new_zeros(R, Tq, Hq * D)
     return fn(V.unit_last_stride(q), V.unit_last_stride(k), V.unit_last_stride(v), head_mask, patch,

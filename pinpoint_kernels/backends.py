@@ -68,6 +68,9 @@ def _usable(name: str, device: torch.device) -> str | None:
             return f"the cuda backend runs CUDA tensors only, got a {device.type} tensor"
         if native_module("_cuda") is None:
             return f"pinpoint_kernels._cuda is not built ({native_import_error('_cuda')})"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:  # the kernels use sm_80 tensor-core instructions
+            return f"the cuda backend needs compute capability 8.0 or newer, this GPU has {major}.{minor}"
         return None
     if name == "triton":
         if not triton_available():
@@ -91,12 +94,24 @@ def forced_backend() -> str | None:
     return value
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None):
-    """The launcher for `op` on `device`: (backend name, callable)."""
+# Per-op limits of a backend, beyond the device: (op, backend) -> (limit, what).
+LIMITS = {("head_patched_attention", "cuda"): (256, "head_dim")}
+
+
+def resolve(op: str, device: torch.device, backend: str | None = None, **sizes):
+    """The launcher for `op` on `device`: (backend name, callable). `sizes` (e.g.
+    head_dim=...) rule out backends whose limits they exceed."""
+    def why_not(name):
+        why = _usable(name, device)
+        limit = LIMITS.get((op, name))
+        if why is None and limit is not None and sizes.get(limit[1], 0) > limit[0]:
+            why = f"{limit[1]} {sizes[limit[1]]} exceeds its limit of {limit[0]}"
+        return why
+
     forced = backend or forced_backend()
     if forced is not None:
         forced = forced.lower()
-        why = _usable(forced, device)
+        why = why_not(forced)
         if why is not None:
             raise RuntimeError(f"backend {forced!r} cannot run {op}: {why}")
         if forced == "triton" and device.type == "cpu":
@@ -107,7 +122,7 @@ def resolve(op: str, device: torch.device, backend: str | None = None):
         return forced, fn
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for name in order:
-        if _usable(name, device) is None:
+        if why_not(name) is None:
             fn = getattr(_backend_module(name), op, None)
             if fn is not None:
                 return name, fn

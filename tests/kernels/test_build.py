@@ -51,3 +51,21 @@ def test_missing_backends_only_narrow_the_choice(monkeypatch):
         backends.resolve("head_slice_grad", torch.device("cpu"), "cpu")
     with pytest.raises(RuntimeError, match=r"triton is not installed"):
         backends.resolve("head_slice_grad", torch.device("cpu"), "triton")
+
+
+def test_dispatch_order_and_per_op_limits_on_cuda(monkeypatch):
+    """CUDA tensors: _cuda first, then Triton; a head_dim over the CUDA kernel's limit skips
+    it, and forcing it then is a clear error. (Runs without a GPU: backends are faked.)"""
+    import types
+
+    import torch
+
+    fake = types.SimpleNamespace(head_patched_attention=lambda *a, **k: None)
+    monkeypatch.setattr(backends, "_usable", lambda name, device: None)
+    monkeypatch.setattr(backends, "_backend_module", lambda name: fake)
+    monkeypatch.delenv("PINPOINT_BACKEND", raising=False)
+    dev = torch.device("cuda")
+    assert backends.resolve("head_patched_attention", dev, head_dim=128)[0] == "cuda"
+    assert backends.resolve("head_patched_attention", dev, head_dim=512)[0] == "triton"
+    with pytest.raises(RuntimeError, match=r"head_dim 512 exceeds its limit of 256"):
+        backends.resolve("head_patched_attention", dev, "cuda", head_dim=512)
