@@ -12,12 +12,15 @@ from . import reference
 from .attention import head_patched_attention
 from .backends import BACKENDS, available_backends
 from .head_slice import head_slice_apply, head_slice_grad
+from .head_slice_linear import SliceIndex, head_slice_linear
 
 __all__ = [
     "BACKENDS",
+    "SliceIndex",
     "available_backends",
     "head_patched_attention",
     "head_slice_apply",
     "head_slice_grad",
+    "head_slice_linear",
     "reference",
 ]

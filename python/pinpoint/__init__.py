@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from . import data
+from .adapter import AdapterMismatchError, PinpointAdapter, attach, random_heads
 from .evaluate import EvalReport, evaluate
 from .general import evaluate_choices, kl_divergence
 from .heads import HeadScores, HeadSet
@@ -10,9 +11,13 @@ from .locate import KnockoutCurve, knockout, locate
 from .models import ModelAdapter, UnsupportedArchitectureError, adapter_for
 from .patching import ablate, head_means
 from .prompts import PromptPair
+from .tune import FullTuning, tune
 
 __all__ = [
     "__version__",
+    "AdapterMismatchError",
+    "FullTuning",
+    "PinpointAdapter",
     "EvalReport",
     "HeadScores",
     "HeadSet",
@@ -22,6 +27,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "ablate",
     "adapter_for",
+    "attach",
     "data",
     "evaluate",
     "evaluate_choices",
@@ -29,4 +35,6 @@ __all__ = [
     "kl_divergence",
     "knockout",
     "locate",
+    "random_heads",
+    "tune",
 ]
