@@ -216,7 +216,8 @@ def test_resume_after_sigkill_reaches_the_same_slices(tok, tmp_path):
     kw = dict(heads=HEADS, steps=4, seed=3, checkpoint_every=1, **FAST)
     script = textwrap.dedent(f"""
         import os, signal, sys
-        sys.path[:0] = [{str(ROOT / 'python')!r}, {str(ROOT)!r}]
+        sys.path[:0] = {sys.path!r}  # the parent's packages (and so its kernel backend)
+        sys.path.append({str(ROOT)!r})  # for tests.test_tune only
         import torch
         torch.set_num_threads({torch.get_num_threads()})
         from pinpoint.testing import tiny_model, word_tokenizer
