@@ -9,32 +9,18 @@ from __future__ import annotations
 import torch
 
 from .backends import native_module
-from .validation import DTYPE_CODES
+from .validation import DTYPE_CODES, attention_native_args
 
 
 def _C():
     return native_module("_C")
 
 
-def _ptr(x: torch.Tensor | None) -> int:
-    return 0 if x is None else x.data_ptr()
-
-
 def head_patched_attention(q, k, v, head_mask, patch, *, kv_index, patch_index, key_padding_mask,
                            scale, causal):
-    R, Tq, Hq, D = q.shape
-    Rk, Tk, Hkv, _ = k.shape
-    out = torch.empty(R, Tq, Hq * D, dtype=q.dtype, device=q.device)
-    _C().head_patched_attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), DTYPE_CODES[q.dtype],
-        [R, Rk, Tq, Tk, Hq, Hkv, D],
-        list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]),
-        kv_index.data_ptr(), _ptr(head_mask), _ptr(key_padding_mask),
-        _ptr(patch), DTYPE_CODES[patch.dtype] if patch is not None else 0,
-        list(patch.stride()) if patch is not None else [],
-        _ptr(patch_index if patch is not None else None),
-        scale, causal, torch.get_num_threads(),
-    )
+    out, args = attention_native_args(q, k, v, head_mask, patch, kv_index=kv_index, patch_index=patch_index,
+                                      key_padding_mask=key_padding_mask, scale=scale, causal=causal)
+    _C().head_patched_attention(*args, torch.get_num_threads())
     return out
 
 

@@ -13,7 +13,7 @@ import functools
 import torch
 
 from .backends import native_module
-from .validation import DTYPE_CODES
+from .validation import DTYPE_CODES, attention_native_args, data_ptr
 
 MIN_CAPABILITY = (8, 0)  # cp.async, ldmatrix and bf16 mma.sync (the build targets sm_80, sm_90)
 
@@ -47,25 +47,11 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _ptr(x: torch.Tensor | None) -> int:
-    return 0 if x is None else x.data_ptr()
-
-
 def head_patched_attention(q, k, v, head_mask, patch, *, kv_index, patch_index, key_padding_mask,
                            scale, causal):
-    R, Tq, Hq, D = q.shape
-    Rk, Tk, Hkv, _ = k.shape
-    out = torch.empty(R, Tq, Hq * D, dtype=q.dtype, device=q.device)
-    _cuda().head_patched_attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), DTYPE_CODES[q.dtype],
-        [R, Rk, Tq, Tk, Hq, Hkv, D],
-        list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]),
-        kv_index.data_ptr(), _ptr(head_mask), _ptr(key_padding_mask),
-        _ptr(patch), DTYPE_CODES[patch.dtype] if patch is not None else 0,
-        list(patch.stride()) if patch is not None else [],
-        _ptr(patch_index if patch is not None else None),
-        scale, causal, _check_device(q.device), _stream(q.device),
-    )
+    out, args = attention_native_args(q, k, v, head_mask, patch, kv_index=kv_index, patch_index=patch_index,
+                                      key_padding_mask=key_padding_mask, scale=scale, causal=causal)
+    _cuda().head_patched_attention(*args, _check_device(q.device), _stream(q.device))
     return out
 
 
@@ -84,7 +70,7 @@ def head_slice_grad(dy, x, heads, head_dim, *, by):
     _cuda().grouped_atb(
         dy.data_ptr(), DTYPE_CODES[dy.dtype], dy.stride(0), dy.shape[1],
         x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), x.shape[1],
-        N, M, Nc, S, _ptr(a_off), _ptr(b_off), head_dim, out.data_ptr(),
+        N, M, Nc, S, data_ptr(a_off), data_ptr(b_off), head_dim, out.data_ptr(),
         _check_device(dy.device), _stream(dy.device),
     )
     return out

@@ -66,3 +66,27 @@ def index_vector(op: str, name: str, x, *, length: int | None, upper: int, what:
 def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     """Kernels index the last dim with stride 1; copy only when it is not."""
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def data_ptr(x: torch.Tensor | None) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+def attention_native_args(q, k, v, head_mask, patch, *, kv_index, patch_index, key_padding_mask,
+                          scale, causal) -> tuple[torch.Tensor, list]:
+    """(out, args) for the native attention bindings (_C and _cuda): the output tensor and the
+    leading arguments both take; they differ only in the trailing execution arguments."""
+    R, Tq, Hq, D = q.shape
+    Rk, Tk, Hkv, _ = k.shape
+    out = torch.empty(R, Tq, Hq * D, dtype=q.dtype, device=q.device)
+    args = [
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), DTYPE_CODES[q.dtype],
+        [R, Rk, Tq, Tk, Hq, Hkv, D],
+        list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]),
+        kv_index.data_ptr(), data_ptr(head_mask), data_ptr(key_padding_mask),
+        data_ptr(patch), DTYPE_CODES[patch.dtype] if patch is not None else 0,
+        list(patch.stride()) if patch is not None else [],
+        data_ptr(patch_index if patch is not None else None),
+        scale, causal,
+    ]
+    return out, args
