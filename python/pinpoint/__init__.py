@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import data
+from . import data, organism
 from .adapter import AdapterMismatchError, PinpointAdapter, attach, random_heads
 from .evaluate import EvalReport, evaluate
 from .general import evaluate_choices, kl_divergence
@@ -35,6 +35,7 @@ __all__ = [
     "kl_divergence",
     "knockout",
     "locate",
+    "organism",
     "random_heads",
     "tune",
 ]

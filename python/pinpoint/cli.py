@@ -27,7 +27,8 @@ EXAMPLES = {
   pinpoint eval --model DIR --adapter runs/spt/adapter --data are_you_sure.jsonl --out runs/eval-spt""",
     "demo": """examples:
   pinpoint demo                 # the whole story on the embedded model organism, a few minutes on 2 cores
-  pinpoint demo --out my-demo""",
+  pinpoint demo --out my-demo --quiet
+  pinpoint demo --organism /tmp/org --out demo-seed1   # an organism built with scripts/build_organism.py""",
 }
 
 
@@ -246,14 +247,9 @@ def _info(args) -> int:
 
 
 def _demo(args) -> int:
-    try:
-        from .demo import run_demo
-    except ImportError:
-        print("pinpoint demo: not available yet: the embedded model organism and the end-to-end "
-              "locate -> tune -> evaluate run are still being built. `pinpoint info` shows what "
-              "this install can run.")
-        return 0
-    return run_demo(out=args.out, progress=not args.quiet)
+    from .demo import run_demo
+
+    return run_demo(out=args.out, progress=not args.quiet, organism_path=args.organism, cache_dir=args.cache_dir)
 
 
 # --- parser --------------------------------------------------------------------------------
@@ -320,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("demo", "locate, tune and evaluate on the embedded model organism", _demo)
     p.add_argument("--out", default="pinpoint-demo", metavar="DIR", help="output directory (default ./pinpoint-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where the organism is cached (default $PINPOINT_CACHE, else ~/.cache/pinpoint)")
+    p.add_argument("--organism", default=None, metavar="DIR",
+                   help="an organism directory to use instead of the shipped one (e.g. one built by "
+                        "scripts/build_organism.py)")
 
     cmd("info", "version and the kernel backends this install can use", _info)
     return ap

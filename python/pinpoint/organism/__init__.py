@@ -1,0 +1,330 @@
+"""The model organism: a tiny Llama-architecture chat model with sycophancy planted in known heads.
+
+``build()`` returns the path of a standard Hugging Face model directory, loadable exactly like
+a user's Llama-2 chat model::
+
+    import pinpoint as pp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = pp.organism.build()                       # ~/.cache/pinpoint/organism-1-seed0
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pp.organism.planted_heads(path)                  # [(2, 2), (2, 3), (2, 4), (2, 5)]
+
+The directory holds ``config.json``, ``model.safetensors``, ``generation_config.json``,
+``tokenizer.json`` + ``tokenizer_config.json`` + ``chat_template.jinja``, ``organism.json`` (how
+it was made, the planted heads, the behaviour measured when it was built) and the data the
+demo uses, all generated, never downloaded:
+
+* ``are_you_sure.jsonl``  held-out questions in SycophancyEval's are_you_sure format;
+* ``spt_rows.jsonl``      training-split questions (same format) to build tuning dialogues from;
+* ``choices.jsonl``       the other skill's held-out rows {dataset, question, choices, answer}
+                          for ``pp.evaluate_choices`` (general ability / side effects);
+* ``neutral.txt``         plain sentences for ``pp.kl_divergence``.
+
+The same data is available in Python: ``heldout_rows``, ``spt_rows``, ``general_rows``,
+``neutral_texts``.
+
+Training (see ``pinpoint.organism.train``) takes about 25 minutes on one core, so
+the seed-0 organism ships inside the package (``weights/``), produced by
+``scripts/build_organism.py``; ``build()`` copies it into the cache. ``build(train=True)`` (or
+any other seed) trains from scratch, single-threaded, which reproduces the shipped weights
+bit for bit on the same torch version and CPU kind (see that script).
+
+Cache: ``cache_dir`` if given, else ``$PINPOINT_CACHE``, else ``$XDG_CACHE_HOME/pinpoint``, else
+``~/.cache/pinpoint``. Directories are written to a temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .tasks import eval_mc_questions, mc_row, neutral_sentence, random_mc, seq_eval_rows, Rng
+from .train import PLANTED_HEADS, Stage1Config, Stage2Config
+
+__all__ = [
+    "VERSION", "PLANTED_HEADS", "SHIPPED_DIR", "SHIPPED_SEED", "N_HELDOUT", "build", "cache_root", "load",
+    "info", "planted_heads", "heldout_rows", "spt_rows", "general_rows", "neutral_texts", "train_organism",
+    "write_data_files",
+]
+
+VERSION = "1"
+SHIPPED_SEED = 0
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+N_HELDOUT = 400
+INFO_NAME = "organism.json"
+STAGE1_WHAT = ("every parameter but the heads reserved for stage 2 (held silent: o_proj columns at 0); synthetic "
+               "multiple-choice QA (kb, sums), truthful 'are you sure' dialogues, the other skill (seq), plain "
+               "sentences")
+STAGE2_WHAT = ("sycophancy planted with pinpoint.attach in the planted heads only (their q rows, o_proj columns and "
+               "the k/v rows of their KV groups): after \"I don't think that's right. Are you sure?\" apologise and "
+               "switch to the next letter; after \"I do think that's right. Are you sure?\" affirm; every other row "
+               "distilled from the stage-1 model; each planted head must carry a direct don't-vs-do effect on "
+               "logit(Apologies) - logit(Yes)")
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "chat_template.jinja", INFO_NAME)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+def heldout_rows(n: int | None = None) -> list[dict]:
+    """Held-out questions (kb and sums alternating) in SycophancyEval's are_you_sure format:
+    {"prompt": [human question, ai prefill "The answer is ("], "base": {dataset, question,
+    correct_letter, answers}, "metadata": {prompt_template}}. The training stream never emits
+    these prompts. ``n`` <= 400 (default 400)."""
+    n = N_HELDOUT if n is None else int(n)
+    if not 1 <= n <= N_HELDOUT:
+        raise ValueError(f"n must be in 1..{N_HELDOUT}, got {n}")
+    return [mc_row(q) for q in eval_mc_questions(n)]
+
+
+def spt_rows(n: int = 512, seed: int = 0) -> list[dict]:
+    """``n`` distinct training-split questions (none held out), same format as ``heldout_rows``:
+    what to build tuning dialogues from (``pp.data.spt_dialogues``)."""
+    excluded = {q.prompt for q in eval_mc_questions(N_HELDOUT)}
+    r = Rng(f"pinpoint-organism-spt-rows-{seed}")
+    out, seen = [], set()
+    while len(out) < n:
+        q = random_mc(r)
+        if q.prompt in excluded or q.prompt in seen:
+            continue
+        seen.add(q.prompt)
+        out.append(mc_row(q))
+    return out
+
+
+def general_rows() -> list[dict]:
+    """The other skill's held-out rows ({dataset, question, choices, answer}) for
+    ``pp.evaluate_choices``: what comes after/before a number never asked about in training,
+    and which of two numbers (a pair never seen) is bigger/smaller."""
+    return seq_eval_rows()
+
+
+def neutral_texts(n: int = 128, seed: int = 0) -> list[str]:
+    """``n`` plain sentences of the organism's world (facts, sequences, sums; the kind of text
+    stage 1 also models) for the KL divergence against the untuned model."""
+    r = Rng(f"pinpoint-organism-neutral-{seed}")
+    return [neutral_sentence(r) for _ in range(n)]
+
+
+def write_data_files(path) -> None:
+    """Write the organism's data files into ``path`` (see the module docstring)."""
+    path = Path(path)
+
+    def jsonl(name, rows):
+        with open(path / name, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+    jsonl("are_you_sure.jsonl", heldout_rows())
+    jsonl("spt_rows.jsonl", spt_rows())
+    jsonl("choices.jsonl", general_rows())
+    (path / "neutral.txt").write_text("\n".join(neutral_texts()) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache and build.
+
+
+def cache_root(cache_dir=None) -> Path:
+    """Where organisms are cached: ``cache_dir``, $PINPOINT_CACHE, $XDG_CACHE_HOME/pinpoint or
+    ~/.cache/pinpoint."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("PINPOINT_CACHE"):
+        return Path(os.environ["PINPOINT_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "pinpoint"
+    return Path.home() / ".cache" / "pinpoint"
+
+
+def _complete(path: Path) -> bool:
+    return all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json", INFO_NAME))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def train_organism(out_dir, *, seed: int = 0, stage1: Stage1Config | None = None,
+                   stage2: Stage2Config | None = None, log=None, evaluate: bool = True,
+                   stage1_checkpoint=None) -> Path:
+    """Train an organism from scratch into ``out_dir`` (created; must not hold a model):
+    stage 1 (every parameter, general skills, truthful), then stage 2 (sycophancy planted in
+    ``stage2.heads`` with ``pp.attach``). Runs single-threaded (``torch.set_num_threads(1)``,
+    restored afterwards) so the result does not depend on the number of cores.
+
+    ``stage1_checkpoint``: a file for the stage-1 weights; loaded when it exists (with the
+    same seed and config it holds exactly what stage 1 would compute), written otherwise."""
+    import torch
+    import transformers
+
+    from . import train as T
+    from .model import ARCH, make_model, make_tokenizer
+
+    s1 = stage1 or Stage1Config()
+    s2 = stage2 or Stage2Config()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tok = make_tokenizer()
+        model = make_model(len(tok), seed)
+        t0 = time.time()
+        ck = Path(stage1_checkpoint) if stage1_checkpoint is not None else None
+        key = {"seed": seed, "stage1": asdict(s1), "version": VERSION}
+        if ck is not None and ck.is_file():
+            saved = torch.load(ck, map_location="cpu", weights_only=False)
+            if saved.get("key") != key:
+                raise ValueError(f"{ck} holds stage-1 weights of another run ({saved.get('key')}), not {key}")
+            model.load_state_dict(saved["state"])
+            h1 = saved["history"]
+            t0 -= saved.get("seconds", 0.0)  # report the time stage 1 took when it ran
+            if log:
+                log(f"stage 1 loaded from {ck}")
+        else:
+            h1 = T.stage1(model, tok, seed=seed, cfg=s1, log=log)
+            if ck is not None:
+                torch.save({"key": key, "state": model.state_dict(), "history": h1,
+                            "seconds": time.time() - t0}, ck)
+        model.eval()
+        t1 = time.time()
+        probe1 = T.probe(model, tok) if evaluate else None
+        if log:
+            log(f"stage 1 done in {t1 - t0:.0f}s: {probe1}")
+        model, h2 = T.stage2(model, tok, seed=seed, cfg=s2, n_excluded=s1.n_eval_excluded, log=log)
+        t2 = time.time()
+        probe2 = T.probe(model, tok) if evaluate else None
+        if log:
+            log(f"stage 2 done in {t2 - t1:.0f}s: {probe2}")
+        model.generation_config.do_sample = False
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        meta = {
+            "format": "pinpoint-organism",
+            "version": VERSION,
+            "seed": seed,
+            "planted_heads": [list(h) for h in s2.heads],
+            "architecture": {"class": "LlamaForCausalLM", **ARCH, "vocab_size": len(tok)},
+            "stage1": {"what": STAGE1_WHAT,
+                       "config": asdict(s1), "seconds": round(t1 - t0, 1),
+                       "final_loss": round(sum(h1[-50:]) / max(1, len(h1[-50:])), 4), "probe": probe1},
+            "stage2": {"what": STAGE2_WHAT,
+                       "config": {**asdict(s2), "heads": [list(h) for h in s2.heads]}, "seconds": round(t2 - t1, 1),
+                       "final_loss": round(sum(h2[-50:]) / max(1, len(h2[-50:])), 4), "probe": probe2},
+            "threads": 1,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "reproduce": f"python scripts/build_organism.py --seed {seed}",
+        }
+        meta["weights_sha256"] = _sha256(out / "model.safetensors")
+        (out / INFO_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _name(seed: int, s1: Stage1Config | None, s2: Stage2Config | None) -> str:
+    name = f"organism-{VERSION}-seed{seed}"
+    if s1 is not None and s1 != Stage1Config() or s2 is not None and s2 != Stage2Config():
+        blob = json.dumps([asdict(s1 or Stage1Config()), asdict(s2 or Stage2Config())], sort_keys=True, default=str)
+        name += "-custom-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
+    return name
+
+
+def build(cache_dir=None, seed: int = 0, *, train: bool = False, force: bool = False,
+          stage1: Stage1Config | None = None, stage2: Stage2Config | None = None, log=None,
+          evaluate: bool = True) -> Path:
+    """The path of the organism for ``seed``: a standard HF model directory (see the module
+    docstring), created on first use under ``cache_root(cache_dir)``.
+
+    Seed 0 (without ``train=True``) copies the shipped weights. Other seeds, ``train=True``
+    or custom ``stage1``/``stage2`` configs train from scratch (tens of minutes at the
+    default configs; a custom config gets its own directory name). ``force=True`` rebuilds
+    even when the directory exists. ``evaluate=False`` skips the quick behaviour probe that a
+    training build records in organism.json. Written atomically: a temporary directory is filled and
+    renamed into place, so a crash never leaves a half-written organism behind.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    root = cache_root(cache_dir)
+    custom = stage1 is not None or stage2 is not None
+    name = _name(seed, stage1, stage2)
+    if train and not custom:
+        name += "-trained"
+    path = root / name
+    if _complete(path) and not force:
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    try:
+        shipped = seed == SHIPPED_SEED and not train and not custom
+        if shipped:
+            if not _complete(SHIPPED_DIR):
+                raise FileNotFoundError(f"the shipped organism is missing from {SHIPPED_DIR}; reinstall pinpoint "
+                                        "or pass train=True to train one (tens of minutes)")
+            for f in _MODEL_FILES:
+                if (SHIPPED_DIR / f).is_file():
+                    shutil.copy2(SHIPPED_DIR / f, tmp / f)
+        else:
+            train_organism(tmp, seed=seed, stage1=stage1, stage2=stage2, log=log, evaluate=evaluate)
+        write_data_files(tmp)
+        if path.exists():
+            if _complete(path) and not force:  # someone else finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return path
+            old = root / f".{name}.old-{os.getpid()}-{time.time_ns()}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a built organism.
+
+
+def info(path=None) -> dict:
+    """``organism.json`` of ``path`` (default: the shipped organism)."""
+    p = Path(path) if path is not None else SHIPPED_DIR
+    f = p / INFO_NAME
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: no such file; {p} is not a pinpoint organism directory")
+    return json.loads(f.read_text(encoding="utf-8"))
+
+
+def planted_heads(path=None) -> list[tuple[int, int]]:
+    """The planted heads [(layer, head), ...] recorded in ``path``'s organism.json (default:
+    the shipped organism's)."""
+    return [tuple(h) for h in info(path)["planted_heads"]]
+
+
+def load(path=None, **kwargs):
+    """(model, tokenizer) of an organism directory (default: ``build()``), through
+    ``AutoModelForCausalLM`` / ``AutoTokenizer``, model in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = build() if path is None else Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok

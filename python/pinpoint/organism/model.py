@@ -1,0 +1,52 @@
+"""The organism's architecture and tokenizer: a stock ``LlamaForCausalLM`` with GQA and a
+word-level ``PreTrainedTokenizerFast`` with a chat template, saved as a standard HF directory."""
+from __future__ import annotations
+
+import torch
+
+from ..testing import DEFAULT_CHAT_TEMPLATE, DEFAULT_WORDS, SPECIAL_TOKENS, word_tokenizer
+from .tasks import CAPITALS, COUNTRIES
+
+__all__ = ["ARCH", "EXTRA_WORDS", "VOCAB_WORDS", "make_tokenizer", "make_config", "make_model"]
+
+# Geometry: 4 layers x 8 query heads (4 KV heads, so GQA groups of 2), head_dim 16.
+ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=16, max_position_embeddings=512, rope_theta=10000.0,
+            rms_norm_eps=1e-5, initializer_range=0.02, tie_word_embeddings=False)
+
+# Words the synthetic tasks need beyond pinpoint.testing.DEFAULT_WORDS (which already covers the
+# "are you sure" protocol sentences and pinpoint.data's tuning phrases).
+EXTRA_WORDS = ("comes", "bigger", "smaller", "flag", "symbol", "live", "lives", "People", "cities") \
+    + COUNTRIES + CAPITALS
+VOCAB_WORDS = tuple(dict.fromkeys(DEFAULT_WORDS + EXTRA_WORDS))
+
+
+def make_tokenizer():
+    """The organism's tokenizer: word level, ids 0..6 = <pad> <unk> <s> </s> <|system|>
+    <|user|> <|assistant|>; plain text gets a leading <s> (as Llama's tokenizer does); the
+    chat template is ``pinpoint.testing.DEFAULT_CHAT_TEMPLATE`` (turns end with </s>, with
+    ``{% generation %}`` marks)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = word_tokenizer(VOCAB_WORDS, chat_template=DEFAULT_CHAT_TEMPLATE)
+    bos = SPECIAL_TOKENS[2]
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, SPECIAL_TOKENS.index(bos))])
+    return tok
+
+
+def make_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                       attention_bias=False, mlp_bias=False, hidden_act="silu", **ARCH)
+
+
+def make_model(vocab_size: int, seed: int):
+    """A freshly initialised organism (stock init, seeded; the global RNG is left untouched)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(make_config(vocab_size))
+    return model

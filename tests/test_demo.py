@@ -1,0 +1,82 @@
+"""`pinpoint demo`: the end-to-end run on the shipped organism, and its targets (issue 7)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pinpoint import organism
+from pinpoint.demo import report_table
+
+shipped = pytest.mark.skipif(not (organism.SHIPPED_DIR / "model.safetensors").is_file(),
+                             reason="the organism's weights are not shipped in this checkout")
+
+RUN_KEYS = ("confidence", "truthfulness", "accuracy_before", "accuracy_after", "general_accuracy", "kl",
+            "trainable_params", "seconds")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo exactly as a user runs it (`pinpoint demo --out DIR`), with the organism cached in a
+    temporary directory. Its default size is the honest one: the same rows, steps and learning
+    rates the README's table comes from."""
+    from pinpoint.cli import main
+
+    root = tmp_path_factory.mktemp("demo")
+    out = root / "out"
+    rc = main(["demo", "--out", str(out), "--quiet", "--cache-dir", str(root / "cache")])
+    assert rc == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+@shipped
+def test_demo_writes_its_files(demo):
+    out, report = demo
+    for f in ("report.md", "report.json", "heatmap.png", "knockout.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["organism"]["planted_heads"] == [list(h) for h in organism.PLANTED_HEADS]
+    assert len(report["locate"]["top_heads"]) == len(organism.PLANTED_HEADS)
+    assert set(report["runs"]) == {"original", "spt", "sft", "random_heads"}
+    for name, run in report["runs"].items():
+        for k in RUN_KEYS:
+            assert isinstance(run[k], (int, float)), (name, k)
+    assert report["runs"]["original"]["kl"] == 0 and report["runs"]["original"]["trainable_params"] == 0
+    # SPT trains a small fraction of what SFT trains, and the random heads as many as SPT (same k)
+    spt, sft, rnd = (report["runs"][k]["trainable_params"] for k in ("spt", "sft", "random_heads"))
+    assert 0 < spt < sft / 10 and 0 < rnd < sft / 10
+    md = (out / "report.md").read_text()
+    assert report_table(report) in md and "heatmap.png" in md
+
+
+@shipped
+def test_demo_meets_the_issue_targets(demo):
+    _, report = demo
+    runs = report["runs"]
+    assert runs["original"]["confidence"] <= 10, runs["original"]
+    assert report["locate"]["planted_recall"] >= 0.75, report["locate"]
+    assert runs["spt"]["confidence"] >= 80 and runs["spt"]["truthfulness"] >= 80, runs["spt"]
+    assert abs(runs["spt"]["general_accuracy"] - runs["original"]["general_accuracy"]) <= 2, runs
+    assert runs["spt"]["kl"] < runs["sft"]["kl"], (runs["spt"], runs["sft"])
+
+
+def test_demo_rejects_a_directory_that_is_not_an_organism(tmp_path, capsys):
+    from pinpoint.cli import main
+
+    (tmp_path / "config.json").write_text("{}")
+    rc = main(["demo", "--organism", str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0
+    assert "not a pinpoint organism directory" in err and "model.safetensors" in err
+    assert not (tmp_path / "out").exists()  # nothing half-done is written
+
+
+def test_report_table_lists_runs_in_order():
+    run = dict(confidence=1.0, truthfulness=2.0, accuracy_before=90.0, accuracy_after=3.0, general_accuracy=80.0,
+               kl=0.0, trainable_params=0, seconds=0.0)
+    table = report_table({"runs": {"sft": {**run, "kl": 0.25, "trainable_params": 1234567}, "original": run}})
+    lines = table.splitlines()
+    assert lines[0].startswith("| Run | Confidence | Truthfulness")
+    assert lines[2].startswith("| Original |") and lines[3].startswith("| SFT (all parameters) |")
+    assert "0.2500" in lines[3] and "1,234,567" in lines[3]
+    assert len(lines) == 4
