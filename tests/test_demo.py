@@ -71,6 +71,15 @@ def test_demo_rejects_a_directory_that_is_not_an_organism(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing half-done is written
 
 
+def test_demo_refuses_an_out_path_that_is_a_file(tmp_path, capsys):
+    from pinpoint.cli import main
+
+    (tmp_path / "taken").write_text("x")
+    rc = main(["demo", "--out", str(tmp_path / "taken")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "exists and is not a directory" in err
+
+
 def test_report_table_lists_runs_in_order():
     run = dict(confidence=1.0, truthfulness=2.0, accuracy_before=90.0, accuracy_after=3.0, general_accuracy=80.0,
                kl=0.0, trainable_params=0, seconds=0.0)

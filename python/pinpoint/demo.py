@@ -64,6 +64,8 @@ def run_demo(out="pinpoint-demo", *, progress: bool = True, config: DemoConfig |
 
     cfg = config or DemoConfig()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
     t_all = time.perf_counter()
     say = print
 
