@@ -56,35 +56,40 @@ def main(argv=None) -> int:
     if args.stage2_steps:
         s2.steps = args.stage2_steps
     shipped = organism.SHIPPED_DIR
+    custom = args.seed != organism.SHIPPED_SEED or args.stage1_steps or args.stage2_steps
+    if custom and not args.out and not args.check:
+        ap.error(f"the package ships the default seed-{organism.SHIPPED_SEED} organism; "
+                 "a different seed or step count needs --out DIR")
+    if args.check and custom:
+        ap.error(f"--check compares with the shipped organism, which is the default seed {organism.SHIPPED_SEED}")
     out = args.out or shipped
-    if args.check:
-        out = Path(tempfile.mkdtemp(prefix="organism-check-"))
-    work = Path(tempfile.mkdtemp(prefix="organism-build-"))
 
     def log(msg):
         print(msg, flush=True)
 
     t0 = time.time()
-    organism.train_organism(work, seed=args.seed, stage1=s1, stage2=s2, log=log,
-                            stage1_checkpoint=args.stage1_checkpoint)
-    meta = json.loads((work / organism.INFO_NAME).read_text())
-    if not args.no_eval:
-        meta["measured"] = measure(work, log)
-    (work / organism.INFO_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    work = Path(tempfile.mkdtemp(prefix="organism-build-"))
+    try:
+        organism.train_organism(work, seed=args.seed, stage1=s1, stage2=s2, log=log,
+                                stage1_checkpoint=args.stage1_checkpoint)
+        meta = json.loads((work / organism.INFO_NAME).read_text())
+        if not args.no_eval:
+            meta["measured"] = measure(work, log)
+        (work / organism.INFO_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
-    if args.check:
-        same = filecmp.cmp(work / "model.safetensors", shipped / "model.safetensors", shallow=False)
-        log(f"model.safetensors identical to the shipped one: {same}")
-        if not same:
-            diff = max_weight_diff(work, shipped)
-            log(f"largest absolute weight difference: {diff:.3g}")
+        if args.check:
+            same = filecmp.cmp(work / "model.safetensors", shipped / "model.safetensors", shallow=False)
+            log(f"model.safetensors identical to the shipped one: {same}")
+            if not same:
+                log(f"largest absolute weight difference: {max_weight_diff(work, shipped):.3g}")
+            return 0 if same else 1
+        out.mkdir(parents=True, exist_ok=True)
+        for f in organism._MODEL_FILES:
+            if (work / f).is_file():
+                shutil.copy2(work / f, out / f)
+                os.chmod(out / f, 0o644)
+    finally:
         shutil.rmtree(work, ignore_errors=True)
-        return 0 if same else 1
-    out.mkdir(parents=True, exist_ok=True)
-    for f in organism._MODEL_FILES:
-        if (work / f).is_file():
-            shutil.copy2(work / f, out / f)
-    shutil.rmtree(work, ignore_errors=True)
     log(f"wrote {out} in {time.time() - t0:.0f}s")
     return 0
 

@@ -41,7 +41,7 @@ def test_demo_writes_its_files(demo):
     for name, run in report["runs"].items():
         for k in RUN_KEYS:
             assert isinstance(run[k], (int, float)), (name, k)
-    assert report["runs"]["original"]["kl"] == 0 and report["runs"]["original"]["trainable_params"] == 0
+    assert report["runs"]["original"]["trainable_params"] == 0
     # SPT trains a small fraction of what SFT trains, and the random heads as many as SPT (same k)
     spt, sft, rnd = (report["runs"][k]["trainable_params"] for k in ("spt", "sft", "random_heads"))
     assert 0 < spt < sft / 10 and 0 < rnd < sft / 10
@@ -78,6 +78,37 @@ def test_demo_refuses_an_out_path_that_is_a_file(tmp_path, capsys):
     rc = main(["demo", "--out", str(tmp_path / "taken")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "exists and is not a directory" in err
+
+
+@pytest.mark.parametrize("planted", [None, [], [[2]], "x"])
+def test_demo_rejects_an_organism_without_planted_heads(tmp_path, capsys, planted):
+    from pinpoint.cli import main
+
+    org = tmp_path / "org"
+    org.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "are_you_sure.jsonl", "spt_rows.jsonl",
+              "choices.jsonl", "neutral.txt"):
+        (org / f).write_text("{}")
+    (org / "organism.json").write_text(json.dumps({} if planted is None else {"planted_heads": planted}))
+    rc = main(["demo", "--organism", str(org), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "planted_heads" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@shipped
+def test_demo_leaves_no_partial_results_when_a_step_fails(tmp_path, monkeypatch):
+    import pinpoint.demo as demo
+
+    def fail(work, *args, **kwargs):
+        (work / "heatmap.png").write_bytes(b"partial")
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(demo, "_demo_steps", fail)
+    with pytest.raises(RuntimeError, match="step failed"):
+        demo.run_demo(tmp_path / "out", progress=False, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_report_table_lists_runs_in_order():

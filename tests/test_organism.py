@@ -151,7 +151,12 @@ def test_reduced_build_is_deterministic_and_cached(reduced):
     assert a.name == b.name and a != b
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     # a second call finds the cached directory without training
-    assert organism.build(a.parent, seed=0, stage1=TINY1, stage2=TINY2) == a
+    with pytest.MonkeyPatch.context() as mp:
+        def no_training(*args, **kwargs):
+            raise AssertionError("build() retrained a cached organism")
+
+        mp.setattr(organism, "train_organism", no_training)
+        assert organism.build(a.parent, seed=0, stage1=TINY1, stage2=TINY2) == a
 
 
 def test_stage2_changes_only_the_planted_heads(reduced, tok):
@@ -219,6 +224,12 @@ def test_shipped_build_copies_the_package_files(shipped_model):
     meta = organism.info(path)
     assert meta["planted_heads"] == [list(h) for h in PLANTED_HEADS]
     assert meta["weights_sha256"] == organism._sha256(path / "model.safetensors")
+    # portable to transformers 4.x: a tokenizer class 4.x knows, the chat template inline, rope_theta
+    tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in tok_cfg
+    assert tok_cfg["additional_special_tokens"] == ["<|system|>", "<|user|>", "<|assistant|>"]
+    assert tok_cfg["chat_template"] == (path / "chat_template.jinja").read_text()
+    assert json.loads((path / "config.json").read_text())["rope_theta"] == 10000.0
 
 
 @shipped

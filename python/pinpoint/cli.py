@@ -336,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, UnsupportedArchitectureError) as exc:
         print(f"pinpoint: error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
-        # pinpoint's own checks raise ValueError with a message meant for the user
+    except (OSError, ValueError) as exc:
+        # pinpoint's own checks raise ValueError with a message meant for the user; OSError is the
+        # file system refusing a path the user gave (missing, not a directory, no permission)
         print(f"pinpoint: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
 

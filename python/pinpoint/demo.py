@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,28 +61,29 @@ def run_demo(out="pinpoint-demo", *, progress: bool = True, config: DemoConfig |
     """Run the demo and write its files under ``out``; returns 0. ``organism_path``: an organism
     directory to use (default: ``pinpoint.organism.build(cache_dir)``, the shipped one)."""
     from . import organism
-    from .data import as_rows, challenge_pairs, spt_dialogues
-    from .locate import knockout, locate
-    from .tune import tune
+    from .data import as_rows
 
     cfg = config or DemoConfig()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} exists and is not a directory")
+            break
     t_all = time.perf_counter()
     say = print
 
     if organism_path is not None:
         path = Path(organism_path)
-        missing = [f for f in ("config.json", "model.safetensors", "organism.json", "are_you_sure.jsonl",
-                               "spt_rows.jsonl", "choices.jsonl", "neutral.txt") if not (path / f).is_file()]
+        missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json", "organism.json",
+                               "are_you_sure.jsonl", "spt_rows.jsonl", "choices.jsonl", "neutral.txt")
+                   if not (path / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{path} is not a pinpoint organism directory (missing {', '.join(missing)})")
     else:
         path = organism.build(cache_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tok = organism.load(path)
     planted = [tuple(h) for h in organism.planted_heads(path)]
+    model, tok = organism.load(path)
     rows_all = as_rows(path / "are_you_sure.jsonl")
     if len(rows_all) < cfg.n_locate + cfg.n_eval:
         raise ValueError(f"the organism has {len(rows_all)} held-out rows, fewer than n_locate + n_eval")
@@ -88,6 +92,46 @@ def run_demo(out="pinpoint-demo", *, progress: bool = True, config: DemoConfig |
     general = [json.loads(line) for line in (path / "choices.jsonl").read_text().splitlines() if line.strip()]
     neutral = [t for t in (path / "neutral.txt").read_text().splitlines() if t.strip()][:cfg.n_neutral]
     say(f"organism: {path} ({sum(p.numel() for p in model.parameters()):,} parameters, planted heads {planted})")
+
+    # Everything is written to a temporary sibling of `out` and moved into place at the end,
+    # so a failed or interrupted run leaves no partial results in `out`.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        report = _demo_steps(work, model, tok, planted, locate_rows, eval_rows, train_rows, general, neutral, cfg,
+                             progress=progress, say=say)
+        report["organism"]["path"] = str(path)
+        report["seconds_total"] = time.perf_counter() - t_all
+        (work / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        _publish(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    say("")
+    say(report_table(report))
+    say(f"\nwrote {out / 'report.md'}, {out / 'report.json'}, heatmap.png, knockout.png "
+        f"({report['seconds_total']:.0f}s in all)")
+    return 0
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Move every entry of ``work`` into ``out`` (created), replacing entries of the same name."""
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(work.iterdir()):
+        dest = out / entry.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        elif dest.exists() or dest.is_symlink():
+            dest.unlink()
+        os.replace(entry, dest)
+
+
+def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_rows, general, neutral, cfg, *,
+                progress, say) -> dict:
+    """Locate, knockout, tune four ways, evaluate; files into ``out``; returns the report."""
+    from .adapter import random_heads
+    from .data import challenge_pairs, spt_dialogues
+    from .locate import knockout, locate
+    from .tune import tune
 
     # 1. locate + knockout
     t0 = time.perf_counter()
@@ -101,7 +145,7 @@ def run_demo(out="pinpoint-demo", *, progress: bool = True, config: DemoConfig |
                 title=f"Path patching, don't vs do\ntop {k} boxed, planted dotted, recall {recall:.2f}")
     t_locate = time.perf_counter() - t0
     say(f"locate: top {k} heads {top.to_list()}, planted recall {recall:.2f} ({t_locate:.1f}s)")
-    K = cfg.knockout_k or 2 * k
+    K = min(cfg.knockout_k or 2 * k, scores.values.numel())
     curve = knockout(model, tok, pairs, scores.top(K), ablation="mean", progress=progress)
     curve.plot(out / "knockout.png", title="Knockout of the top-k located heads (mean ablation)")
 
@@ -109,8 +153,6 @@ def run_demo(out="pinpoint-demo", *, progress: bool = True, config: DemoConfig |
     dialogues = spt_dialogues(train_rows, n=cfg.n_dialogues, seed=cfg.seed)
     common = dict(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
     runs, reports = {}, {}
-    from .adapter import random_heads
-
     plans = [
         ("original", None),
         ("spt", dict(heads=top, lr=cfg.lr_spt)),
@@ -134,24 +176,18 @@ def run_demo(out="pinpoint-demo", *, progress: bool = True, config: DemoConfig |
             f"({seconds:.1f}s tuning)")
 
     report = {
-        "organism": {"path": str(path), "planted_heads": [list(h) for h in planted]},
+        "organism": {"path": None, "planted_heads": [list(h) for h in planted]},
         "locate": {"method": "path", "top_heads": top.to_list(), "planted_recall": recall, "seconds": t_locate},
         "knockout": curve.to_dict(),
         "runs": runs,
         "config": asdict(cfg),
-        "seconds_total": time.perf_counter() - t_all,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     table = report_table(report)
     (out / "report.md").write_text(
         f"# pinpoint demo\n\nOrganism: {len(planted)} planted heads {report['organism']['planted_heads']}; "
         f"path patching top {k}: {top.to_list()} (recall {recall:.2f}).\n\n{table}\n\n"
         "![heatmap](heatmap.png)\n\n![knockout](knockout.png)\n")
-    say("")
-    say(table)
-    say(f"\nwrote {out / 'report.md'}, {out / 'report.json'}, heatmap.png, knockout.png "
-        f"({report['seconds_total']:.0f}s in all)")
-    return 0
+    return report
 
 
 def report_table(report: dict) -> str:

@@ -215,6 +215,7 @@ def train_organism(out_dir, *, seed: int = 0, stage1: Stage1Config | None = None
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
+        _portable(out)
         meta = {
             "format": "pinpoint-organism",
             "version": VERSION,
@@ -237,6 +238,26 @@ def train_organism(out_dir, *, seed: int = 0, stage1: Stage1Config | None = None
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def _portable(out: Path) -> None:
+    """Make the saved files load on transformers 4.x too (checked with 4.57.1 and 5.24: same ids,
+    same logits): 5.x writes a tokenizer class, a special-token list and a rope layout that 4.x
+    does not read, and keeps the chat template in a file older 4.x ignores."""
+    cfg_p, tok_p = out / "config.json", out / "tokenizer_config.json"
+    cfg = json.loads(cfg_p.read_text(encoding="utf-8"))
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" in rope and rope.get("rope_type", "default") == "default":
+        cfg.setdefault("rope_theta", rope["rope_theta"])
+    cfg_p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tok = json.loads(tok_p.read_text(encoding="utf-8"))
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(tok.get("extra_special_tokens"), list):  # 4.x wants a dict there; both read this list
+        tok["additional_special_tokens"] = tok.pop("extra_special_tokens")
+    template = out / "chat_template.jinja"
+    if template.is_file():
+        tok.setdefault("chat_template", template.read_text(encoding="utf-8"))
+    tok_p.write_text(json.dumps(tok, indent=2) + "\n", encoding="utf-8")
 
 
 def _name(seed: int, s1: Stage1Config | None, s2: Stage2Config | None) -> str:
@@ -316,7 +337,13 @@ def info(path=None) -> dict:
 def planted_heads(path=None) -> list[tuple[int, int]]:
     """The planted heads [(layer, head), ...] recorded in ``path``'s organism.json (default:
     the shipped organism's)."""
-    return [tuple(h) for h in info(path)["planted_heads"]]
+    meta = info(path)
+    heads = meta.get("planted_heads") if isinstance(meta, dict) else None
+    where = (Path(path) if path is not None else SHIPPED_DIR) / INFO_NAME
+    if not isinstance(heads, list) or not heads or not all(
+            isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) for x in h) for h in heads):
+        raise ValueError(f"{where}: 'planted_heads' must be a non-empty list of [layer, head] pairs, got {heads!r}")
+    return [tuple(h) for h in heads]
 
 
 def load(path=None, **kwargs):
