@@ -72,7 +72,11 @@ PREDICTION = {
         "and unembed all 64 positions (+16% work); pinpoint starts layer l's 32 rows at layer l "
         "(36 of 64 row-layers, 56%), reuses layer l's attention core and unembeds only the last "
         "position. Expected ~2x over nnsight (both run large batched GEMMs) and ~2-3x over TL (its "
-        "per-run hook overhead adds on top); target >= 2x, borderline against nnsight."),
+        "per-run hook overhead adds on top); target >= 2x, borderline against nnsight."
+        " Later (predicted before re-measuring the suffix rerun): positions before the first token where "
+        "base and source differ are skipped (here the first third), so the ~72% of pinpoint's time spent "
+        "rerunning the variant rows shrinks to ~2/3 plus prefix-cache copies: pinpoint ~0.7x its previous "
+        "time, ~3x faster than TL, ~3.5x than nnsight."),
     "7b": (
         "Predicted before measuring (not yet run: needs a CUDA GPU). L=32, H=32, B=4, T=128. Path "
         "patching: the hook loop is 1024 forwards of 4x128 tokens; pinpoint is 2 forwards plus "
@@ -588,14 +592,14 @@ ANALYSIS = {
         "pushes all 256 rows through in one batch (16k-token activations, a 0.5 GB logits tensor), "
         "which is slower per row on this CPU, hence 2.6-3.1x (in earlier 2-thread runs on the busy "
         "machine TL fell to 4-6x behind from contention and nnsight to 1.4-1.9x). "
-        "Fixes: skip the "
-        "shared prefix (at positions before the first token where base and source differ, source and "
-        "base activations are identical at every layer, so the patch is a no-op there: recompute only "
-        "the suffix on the base run's KV cache, as `_activation_last` already does for the last "
-        "token; here the first third is shared, cutting the work to ~1/2.9 of the peers', and "
-        "sycophancy pairs that "
-        "differ in one word near the end of ~300 tokens shrink to a few-token suffix), and run the "
-        "self-check on one row instead of all B."),
+        "(Those splits are from before the suffix rerun.) Done since: the shared prefix is skipped. At "
+        "positions before the first token where base and source differ, source and base activations are "
+        "identical at every layer, so the patch is a no-op there; the variant rows now rerun only the "
+        "suffix on the base run's prefix KV cache (`runs.SuffixRunner`, Llama-family blocks; checked on "
+        "one row against the recorded logits, else the full rerun), and the self-checks use one row. "
+        "Measured: 8.29 -> 5.07 s CPU (0.61x, better than the ~0.7x predicted: the cache copies cost "
+        "less than budgeted), 3.0x TL and 4.2x nnsight. Sycophancy pairs, which differ in one word near "
+        "the end of the prompt, shrink to a few-token suffix."),
 }
 
 

@@ -151,6 +151,47 @@ def test_activation_patching_matches_one_forward_per_head(arch, positions):
     assert_scores_close(scores.per_pair, naive_activation(model, pairs, positions))
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_activation_all_reruns_only_the_suffix_after_the_shared_prefix(arch, monkeypatch):
+    """Base and source share their first tokens, so only later positions are rerun (on the
+    base run's prefix KV cache); the scores are still those of one forward per head."""
+    from pinpoint.runs import SuffixRunner
+
+    model = model_for(arch)
+    pairs = random_pairs(3, vocab=model.config.vocab_size, equal=True, seed=5, lo=8, hi=14)
+    widths = []
+    real_run = SuffixRunner.run
+
+    def run(self, start, x, rows):
+        widths.append((x.shape[1], self.batch.T))
+        return real_run(self, start, x, rows)
+
+    monkeypatch.setattr(SuffixRunner, "run", run)
+    scores = locate(model, None, pairs, method="activation", positions="all", metric=metric_fn,
+                    progress=False, batch_size=3)
+    assert widths and all(w < T for w, T in widths)
+    assert_scores_close(scores.per_pair, naive_activation(model, pairs, "all"))
+
+
+def test_activation_all_falls_back_to_full_reruns_when_the_suffix_check_fails(monkeypatch):
+    from pinpoint.runs import SuffixRunner
+
+    model = model_for("llama")
+    pairs = random_pairs(3, vocab=model.config.vocab_size, equal=True, seed=6, lo=8, hi=14)
+    real_kwargs = SuffixRunner._kwargs
+
+    def wrong_positions(self, layer, rows, cache):  # a block layout the runner misreads
+        kw = real_kwargs(self, layer, rows, cache)
+        cos, sin = kw["position_embeddings"]
+        kw["position_embeddings"] = (cos.flip(1), sin.flip(1))
+        return kw
+
+    monkeypatch.setattr(SuffixRunner, "_kwargs", wrong_positions)
+    scores = locate(model, None, pairs, method="activation", positions="all", metric=metric_fn,
+                    progress=False, batch_size=3)
+    assert_scores_close(scores.per_pair, naive_activation(model, pairs, "all"))
+
+
 @pytest.mark.parametrize("method,positions", [("path", "last"), ("activation", "all"), ("activation", "last"),
                                               ("attribution", "last")])
 def test_batching_and_padding_side_do_not_change_results(method, positions):

@@ -190,6 +190,85 @@ def run_blocks(adapter: ModelAdapter, start: int, x: torch.Tensor, kwargs_per_la
     return x
 
 
+def first_difference(a: Batch, b: Batch) -> int:
+    """The first position (padded coordinates) where any row of `a` and `b` differ in tokens
+    or mask; a.T if they never do. Positions before it compute the same values in both runs."""
+    if a.input_ids.shape != b.input_ids.shape:
+        return 0
+    diff = (a.input_ids != b.input_ids) | (a.attention_mask != b.attention_mask)
+    cols = diff.any(0).nonzero()
+    return int(cols[0]) if len(cols) else a.T
+
+
+class SuffixRunner:
+    """Rerun decoder layers on positions p0..T-1 only, attending to the base run's K/V for
+    positions < p0 through a KV cache: what activation patching needs when the base and
+    source prompts share their first p0 tokens (patching there changes nothing).
+
+    Llama-family blocks only (they take ``cache``/``past_key_values``, ``position_ids``,
+    ``position_embeddings`` and a 4-D mask by keyword); ``None`` from :meth:`build` means the
+    caller must rerun every position."""
+
+    def __init__(self, adapter: ModelAdapter, batch: Batch, rec: Recording, p0: int, cache, ckw: str):
+        self.ad, self.batch, self.rec, self.p0, self.cache, self.ckw = adapter, batch, rec, p0, cache, ckw
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, adapter: ModelAdapter, batch: Batch, rec: Recording, p0: int):
+        if not 0 < p0 < batch.T or batch.side != "left" or not rec.block_kwargs or rec.block_kwargs[0] is None:
+            return None
+        args, kw = rec.block_kwargs[0]
+        ckw = cache_kwarg(adapter.layers[0].block) if "cache" in kw or "past_key_values" in kw else None
+        if args or ckw is None or "position_embeddings" not in kw:
+            return None
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=adapter.config) if _takes_config(DynamicCache) else DynamicCache()
+        adapter.body(input_ids=batch.input_ids[:, :p0], attention_mask=batch.attention_mask[:, :p0],
+                     position_ids=batch.position_ids[:, :p0], use_cache=True, **{cache_kwarg(adapter.body): cache})
+        return cls(adapter, batch, rec, p0, cache, ckw)
+
+    def _kwargs(self, layer: int, rows: torch.Tensor, cache) -> dict:
+        p0, B, T = self.p0, self.batch.size, self.batch.T
+        _, kw = select_rows(self.rec.block_kwargs[layer], rows, B)
+        kw = dict(kw)
+        mask = kw.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-2:] == (T, T):
+            kw["attention_mask"] = mask[:, :, p0:, :]
+        elif mask is None:  # the model relied on is_causal: spell the mask out (bool, for SDPA)
+            q = torch.arange(p0, T, device=rows.device)[:, None]
+            k = torch.arange(T, device=rows.device)[None, :]
+            keep = (k <= q)[None, None] & self.batch.attention_mask[rows].bool()[:, None, None, :]
+            kw["attention_mask"] = keep
+        else:
+            raise ValueError("unexpected attention mask layout")
+        cos, sin = kw["position_embeddings"]
+        kw["position_embeddings"] = (cos[:, p0:], sin[:, p0:])
+        if isinstance(kw.get("position_ids"), torch.Tensor):
+            kw["position_ids"] = kw["position_ids"][:, p0:]
+        if "cache_position" in kw or "cache_position" in _block_params(self.ad.layers[layer].block):
+            kw["cache_position"] = torch.arange(p0, T, device=rows.device)
+        kw[self.ckw] = cache
+        kw["use_cache"] = True
+        return kw
+
+    @torch.no_grad()
+    def run(self, start: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Layers start..L-1 on x [N, T - p0, E] (variant rows -> recorded rows `rows`)."""
+        if start >= self.ad.n_layers:
+            return x
+        cache = expand_cache(self.cache, rows)
+        for spec in self.ad.layers[start:]:
+            x = _first_tensor(spec.block(x, **self._kwargs(spec.index, rows, cache)))
+        return x
+
+
+def _block_params(block) -> set:
+    import inspect
+
+    return set(inspect.signature(block.forward).parameters)
+
+
 def cache_kwarg(model) -> str:
     import inspect
 
