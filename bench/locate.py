@@ -76,7 +76,9 @@ PREDICTION = {
         " Later (predicted before re-measuring the suffix rerun): positions before the first token where "
         "base and source differ are skipped (here the first third), so the ~72% of pinpoint's time spent "
         "rerunning the variant rows shrinks to ~2/3 plus prefix-cache copies: pinpoint ~0.7x its previous "
-        "time, ~3x faster than TL, ~3.5x than nnsight."),
+        "time, ~3x faster than TL, ~3.5x than nnsight. Then (predicted before re-measuring joint "
+        "path-patching tails, from a prototype's 0.12-0.14 s tail against 0.20-0.24 s): path ~1.35x "
+        "the two plain forwards, ~24x the hook loop."),
     "7b": (
         "Predicted before measuring (not yet run: needs a CUDA GPU). L=32, H=32, B=4, T=128. Path "
         "patching: the hook loop is 1024 forwards of 4x128 tokens; pinpoint is 2 forwards plus "
@@ -575,12 +577,11 @@ ANALYSIS = {
         "re-indexing all L `attn_out`s per sender layer). Its FLOPs are ~25% of two forwards, but as "
         "~450 small ops it runs at lower efficiency, and with 2 threads on a busy machine every small "
         "op waits for both threads (path / two forwards then drifted between 1.7x and 3x). The speedup "
-        "over the hook loop is capped by 64 forwards / 2 forwards = 32x and lands at 20-22x. Fix: advance "
-        "all sender layers' rows together, layer by layer (at layer k append the 32 new sender rows, "
-        "add the frozen attn_out[k] to the older ones, one `mlp_step` on all of them; one final norm + "
-        "unembedding of the L*H*B rows at the end): same FLOPs, 8 MLP calls on up to 256 rows and 1 "
-        "unembedding. A prototype of it on these pairs gives bit-identical scores and a tail of "
-        "0.12-0.14 s instead of 0.20-0.24 s CPU: path ~1.35x two forwards, ~24x the hook loop. "
+        "over the hook loop is capped by 64 forwards / 2 forwards = 32x and lands at 20-22x. Done since: "
+        "all sender layers' rows advance together, layer by layer (at layer k the 32 new sender rows "
+        "join, the older ones get the frozen attn_out[k], one `mlp_step` on all of them; one final norm "
+        "+ unembedding per chunk): same FLOPs, 8 MLP calls on up to 256 rows and 1 unembedding. "
+        "Measured: path / two plain forwards 1.48x -> 1.35x and the hook loop 21.9x -> 25.3x, as predicted; scores unchanged (cross-checks 0). "
         "Activation patching at all positions, `_activation_all`: ~62% "
         "`run_blocks` on the variant rows, ~10% the patched layer's o_proj + `mlp_step`, ~18% the two "
         "`record` forwards, ~7% the first-batch self-check (a full extra forward of all base rows). Its "
@@ -598,7 +599,7 @@ ANALYSIS = {
         "suffix on the base run's prefix KV cache (`runs.SuffixRunner`, Llama-family blocks; checked on "
         "one row against the recorded logits, else the full rerun), and the self-checks use one row. "
         "Measured: 8.29 -> 5.07 s CPU (0.61x, better than the ~0.7x predicted: the cache copies cost "
-        "less than budgeted), 3.0x TL and 4.2x nnsight. Sycophancy pairs, which differ in one word near "
+        "less than budgeted), 3.0-3.2x TL and 3.9-4.2x nnsight (two runs). Sycophancy pairs, which differ in one word near "
         "the end of the prompt, shrink to a few-token suffix."),
 }
 

@@ -215,6 +215,23 @@ def test_memory_budget_chunking_gives_the_same_numbers():
         assert_scores_close(tiny.per_pair, big.per_pair)
 
 
+@pytest.mark.parametrize("rows", [3, 5, 7])
+def test_chunks_that_split_a_sender_layer_give_the_same_numbers(rows, monkeypatch):
+    """Path patching advances every sender's rows together; chunks that start and end inside
+    a sender layer's block of rows must not change a number."""
+    import importlib
+
+    loc = importlib.import_module("pinpoint.locate")
+
+    model = model_for("llama")
+    pairs = random_pairs(3, vocab=model.config.vocab_size, seed=7)
+    big = locate(model, None, pairs, method="path", metric=metric_fn, progress=False, batch_size=3)
+    monkeypatch.setattr(loc, "chunk_size", lambda budget, per_row, total: min(total, rows))
+    small = locate(model, None, pairs, method="path", metric=metric_fn, progress=False, batch_size=3)
+    assert_scores_close(small.per_pair, big.per_pair)
+    assert_scores_close(small.per_pair, naive_path(model, pairs))
+
+
 def test_named_metrics_and_relative_aggregate(tokenizer):
     model = model_for("llama")
     chat = [{"role": "user", "content": "What is 2 + 3 ?"}, {"role": "assistant", "content": "It is 5 ."}]

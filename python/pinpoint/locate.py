@@ -219,23 +219,35 @@ def _path_patching(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, bu
     if check:
         check_pre_norm_residual(ad, rb, what="path patching")
     B, L, H, D = base.size, ad.n_layers, ad.n_heads, ad.head_dim
-    out = torch.empty(B, L, H, device=ad.device)
     masks = _head_masks(H, D, ad.device)                                   # [H, H*D]
     elem = torch.finfo(ad.dtype).bits // 8
     per_row = elem * (ad.hidden_size * 8 + ad.n_heads * D * 2 + getattr(ad.config, "intermediate_size", 4 * ad.hidden_size) * 3
                       + ad.vocab_size * 2)
-    n = chunk_size(budget, per_row, H * B)
-    for layer in range(L):
-        # variant row v = h * B + b: head h of pair b patched with the source's value
-        z_var = torch.where(masks[:, None, :], rs.z[layer][None], rb.z[layer][None]).reshape(H * B, -1)
-        vals = torch.empty(H * B, device=ad.device)
-        for s in range(0, H * B, n):
-            rows = torch.arange(s, min(H * B, s + n), device=ad.device) % B
-            x = rb.resid_pre[layer][rows] + ad.layers[layer].o.module(z_var[s:s + n])
-            logits = tail_from_mid(ad, layer, x, [a[rows] if a is not None else None for a in rb.attn_out])
-            vals[s:s + n] = apply_metric(fn, logits, what="path-patched rows")
-            bar.update(len(rows))
-        out[:, layer] = vals.view(H, B).t() - mb[:, None]
+    total = L * H * B
+    n = chunk_size(budget, per_row, total)
+    vals = torch.empty(total, device=ad.device)
+    # Variant v = (l * H + h) * B + b: head h of layer l patched with the source's value for pair b.
+    # All senders' rows advance together, layer by layer (one o_proj / MLP call per layer and one
+    # unembedding per chunk, instead of a separate tail per sender layer). Rows are ordered by
+    # sender layer, so in a chunk the rows that have started by layer k are a prefix.
+    for s in range(0, total, n):
+        v = torch.arange(s, min(total, s + n), device=ad.device)
+        sender, head, row = v // (H * B), (v // B) % H, v % B
+        x = None
+        for k in range(int(sender[0]), L):
+            started = int(torch.searchsorted(sender, k, right=True))        # rows with sender <= k
+            if x is not None and rb.attn_out[k] is not None:                 # frozen attention of layer k
+                x = x + rb.attn_out[k][row[:len(x)]]
+            first = 0 if x is None else len(x)
+            if started > first:                                             # senders at layer k join
+                r, hh = row[first:started], head[first:started]
+                z = torch.where(masks[hh], rs.z[k][r], rb.z[k][r])
+                new = rb.resid_pre[k][r] + ad.layers[k].o.module(z)
+                x = new if x is None else torch.cat([x, new])
+            x = mlp_step(ad.layers[k], x)
+        vals[s:s + len(v)] = apply_metric(fn, ad.lm_head(ad.final_norm(x)), what="path-patched rows")
+        bar.update(len(v))
+    out = vals.view(L, H, B).permute(2, 0, 1) - mb[:, None, None]
     return out, mb
 
 
