@@ -32,7 +32,7 @@ from .prompts import PromptPair, to_ids
 from .runs import progress as progress_bar
 from .runs import (
     Batch, SuffixRunner, body_forward, check_pre_norm_residual, chunk_size, expand_cache, first_difference,
-    make_batch, memory_budget, mlp_step, pad_id_of, prefix_cache, record, run_blocks, tail_from_mid, take_last,
+    logits_match, make_batch, memory_budget, mlp_step, pad_id_of, prefix_cache, record, run_blocks, tail_from_mid, take_last,
 )
 
 __all__ = ["locate", "knockout", "KnockoutCurve"]
@@ -263,45 +263,39 @@ def _activation_all(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, b
     B, T, L, H, D = base.size, base.T, ad.n_layers, ad.n_heads, ad.head_dim
     variants = heads_subset if heads_subset is not None else [(l, h) for l in range(L) for h in range(H)]
     one = torch.zeros(1, dtype=torch.long, device=ad.device)
+
+    def rerun(layer, rows, z, lo, suffix):
+        """Logits [N, vocab] of variant rows whose layer-`layer` o_proj input at positions lo..T-1
+        is `z` [N, T - lo, H*D]: that layer's o_proj and MLP, then every later layer (on
+        positions lo.. through `suffix`, or on all of them)."""
+        x = mlp_step(ad.layers[layer], rb.resid_pre[layer][rows, lo:] + ad.layers[layer].o.module(z))
+        x = suffix.run(layer + 1, x, rows) if suffix is not None else run_blocks(ad, layer + 1, x, rb.block_kwargs,
+                                                                                 rows, B)
+        return _logits_at_last(ad, x, base.last[rows] - lo)
+
     if check:  # the rebuilt tail must reproduce the recorded run (one row is enough to tell)
-        x = mlp_step(ad.layers[0], rb.resid_pre[0][:1] + ad.layers[0].o.module(rb.z[0][:1]))
-        x = run_blocks(ad, 1, x, rb.block_kwargs, one, B)
-        _compare_logits(ad, _logits_at_last(ad, x, base.last[:1]), rb.logits[:1], "activation patching")
+        _compare_logits(ad, rerun(0, one, rb.z[0][:1], 0, None), rb.logits[:1], "activation patching")
     p0 = first_difference(base, src)
     suffix = SuffixRunner.build(ad, base, rb, p0) if L > 1 else None
     if suffix is not None:  # the suffix rerun must reproduce the recorded run too, else rerun everything
         try:
-            x = mlp_step(ad.layers[0], rb.resid_pre[0][:1, p0:] + ad.layers[0].o.module(rb.z[0][:1, p0:]))
-            x = suffix.run(1, x, one)
-            got = _logits_at_last(ad, x, base.last[:1] - p0)
-            scale = rb.logits[:1].float().abs().max().clamp(min=1e-6)
-            ok = float((got.float() - rb.logits[:1].float()).abs().max() / scale) <= (
-                1e-3 if rb.logits.dtype == torch.float32 else 5e-2)
+            ok, _ = logits_match(rerun(0, one, rb.z[0][:1, p0:], p0, suffix), rb.logits[:1])
         except (TypeError, ValueError, RuntimeError, KeyError, IndexError):
             ok = False
         if not ok:
             suffix = None
-    S = T - p0 if suffix is not None else T
+    lo = p0 if suffix is not None else 0
     elem = torch.finfo(ad.dtype).bits // 8
     inter = getattr(ad.config, "intermediate_size", None) or getattr(ad.config, "n_inner", None) or 4 * ad.hidden_size
-    per_row = elem * S * (ad.hidden_size * 6 + inter * 3 + H * D * 4 + 2 * H * T)
+    per_row = elem * (T - lo) * (ad.hidden_size * 6 + inter * 3 + H * D * 4 + 2 * H * T)
     if suffix is not None:  # each variant row carries its copy of the prefix KV cache
         per_row += elem * L * 2 * ad.n_kv_heads * D * T
     n_rows = chunk_size(budget, per_row, len(variants) * B)
     masks = _head_masks(H, D, ad.device)
     out = torch.empty(B, len(variants), device=ad.device)
     for layer, rows, hh, cols in _variant_chunks(variants, B, n_rows, ad.device):
-        if suffix is not None:
-            z = torch.where(masks[hh][:, None, :], rs.z[layer][rows, p0:], rb.z[layer][rows, p0:])  # [N, S, H*D]
-            x = mlp_step(ad.layers[layer], rb.resid_pre[layer][rows, p0:] + ad.layers[layer].o.module(z))
-            x = suffix.run(layer + 1, x, rows)
-            logits = _logits_at_last(ad, x, base.last[rows] - p0)
-        else:
-            z = torch.where(masks[hh][:, None, :], rs.z[layer][rows], rb.z[layer][rows])   # [N, T, H*D]
-            x = mlp_step(ad.layers[layer], rb.resid_pre[layer][rows] + ad.layers[layer].o.module(z))
-            x = run_blocks(ad, layer + 1, x, rb.block_kwargs, rows, B)
-            logits = _logits_at_last(ad, x, base.last[rows])
-        vals = apply_metric(fn, logits, what="activation-patched rows")
+        z = torch.where(masks[hh][:, None, :], rs.z[layer][rows, lo:], rb.z[layer][rows, lo:])  # [N, T - lo, H*D]
+        vals = apply_metric(fn, rerun(layer, rows, z, lo, suffix), what="activation-patched rows")
         out[rows, cols] = vals - mb[rows]
         bar.update(len(rows))
     return (out if heads_subset is not None else out.view(B, L, H)), mb
@@ -327,10 +321,8 @@ def _logits_at_last(ad, x, last):
 
 
 def _compare_logits(ad, got, want, what):
-    scale = want.float().abs().max().clamp(min=1e-6)
-    err = float((got.float() - want.float()).abs().max() / scale)
-    tol = 1e-3 if want.dtype == torch.float32 else 5e-2
-    if not err <= tol:
+    ok, err = logits_match(got, want)
+    if not ok:
         from .models import UnsupportedArchitectureError
 
         raise UnsupportedArchitectureError(

@@ -164,16 +164,20 @@ def tail_from_mid(adapter: ModelAdapter, layer: int, x: torch.Tensor, attn_out_a
     return adapter.lm_head(adapter.final_norm(x))
 
 
+def logits_match(got: torch.Tensor, want: torch.Tensor) -> tuple[bool, float]:
+    """Whether logits rebuilt from recorded pieces reproduce the model's own `want`, and the
+    error: max |got - want| / max |want|, within 1e-3 (fp32) or 5e-2 (half types; NaN never is)."""
+    scale = want.float().abs().max().clamp(min=1e-6)
+    err = float((got.float() - want.float()).abs().max() / scale)
+    return err <= (1e-3 if want.dtype == torch.float32 else 5e-2), err
+
+
 def check_pre_norm_residual(adapter: ModelAdapter, rec: Recording, *, what: str) -> None:
     """Rebuild the recorded last-token logits from the per-layer pieces. If the blocks are not
     plain pre-norm residual blocks, the incremental algorithms would be wrong: refuse."""
     x = rec.resid_pre[0] + rec.attn_out[0]
-    got = tail_from_mid(adapter, 0, x, rec.attn_out)
-    want = rec.logits
-    scale = want.float().abs().max().clamp(min=1e-6)
-    tol = 1e-3 if want.dtype == torch.float32 else 5e-2
-    err = (got.float() - want.float()).abs().max() / scale
-    if not torch.isfinite(err) or err > tol:
+    ok, err = logits_match(tail_from_mid(adapter, 0, x, rec.attn_out), rec.logits)
+    if not ok:
         raise UnsupportedArchitectureError(
             f"{type(adapter.model).__name__}: the decoder layers are not plain pre-norm residual blocks "
             f"(h + attn(norm(h)), then h + mlp(norm(h))); rebuilding the {what} logits from them is off by "
@@ -209,8 +213,10 @@ class SuffixRunner:
     ``position_embeddings`` and a 4-D mask by keyword); ``None`` from :meth:`build` means the
     caller must rerun every position."""
 
-    def __init__(self, adapter: ModelAdapter, batch: Batch, rec: Recording, p0: int, cache, ckw: str):
+    def __init__(self, adapter: ModelAdapter, batch: Batch, rec: Recording, p0: int, cache, ckw: str,
+                 cache_position: bool):
         self.ad, self.batch, self.rec, self.p0, self.cache, self.ckw = adapter, batch, rec, p0, cache, ckw
+        self.cache_position = cache_position  # whether the blocks take `cache_position`
 
     @classmethod
     @torch.no_grad()
@@ -221,12 +227,17 @@ class SuffixRunner:
         ckw = cache_kwarg(adapter.layers[0].block) if "cache" in kw or "past_key_values" in kw else None
         if args or ckw is None or "position_embeddings" not in kw:
             return None
+        import inspect
+
         from transformers import DynamicCache
+
+        cache_position = "cache_position" in kw or \
+            "cache_position" in inspect.signature(adapter.layers[0].block.forward).parameters
 
         cache = DynamicCache(config=adapter.config) if _takes_config(DynamicCache) else DynamicCache()
         adapter.body(input_ids=batch.input_ids[:, :p0], attention_mask=batch.attention_mask[:, :p0],
                      position_ids=batch.position_ids[:, :p0], use_cache=True, **{cache_kwarg(adapter.body): cache})
-        return cls(adapter, batch, rec, p0, cache, ckw)
+        return cls(adapter, batch, rec, p0, cache, ckw, cache_position)
 
     def _kwargs(self, layer: int, rows: torch.Tensor, cache) -> dict:
         p0, B, T = self.p0, self.batch.size, self.batch.T
@@ -246,7 +257,7 @@ class SuffixRunner:
         kw["position_embeddings"] = (cos[:, p0:], sin[:, p0:])
         if isinstance(kw.get("position_ids"), torch.Tensor):
             kw["position_ids"] = kw["position_ids"][:, p0:]
-        if "cache_position" in kw or "cache_position" in _block_params(self.ad.layers[layer].block):
+        if self.cache_position:
             kw["cache_position"] = torch.arange(p0, T, device=rows.device)
         kw[self.ckw] = cache
         kw["use_cache"] = True
@@ -261,12 +272,6 @@ class SuffixRunner:
         for spec in self.ad.layers[start:]:
             x = _first_tensor(spec.block(x, **self._kwargs(spec.index, rows, cache)))
         return x
-
-
-def _block_params(block) -> set:
-    import inspect
-
-    return set(inspect.signature(block.forward).parameters)
 
 
 def cache_kwarg(model) -> str:
