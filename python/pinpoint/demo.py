@@ -62,6 +62,7 @@ def run_demo(out="pinpoint-demo", *, progress: bool = True, config: DemoConfig |
     directory to use (default: ``pinpoint.organism.build(cache_dir)``, the shipped one)."""
     from . import organism
     from .data import as_rows
+    from .general import load_choices
 
     cfg = config or DemoConfig()
     out = Path(out)
@@ -88,8 +89,8 @@ def run_demo(out="pinpoint-demo", *, progress: bool = True, config: DemoConfig |
     if len(rows_all) < cfg.n_locate + cfg.n_eval:
         raise ValueError(f"the organism has {len(rows_all)} held-out rows, fewer than n_locate + n_eval")
     locate_rows, eval_rows = rows_all[:cfg.n_locate], rows_all[cfg.n_locate:cfg.n_locate + cfg.n_eval]
-    train_rows = [json.loads(line) for line in (path / "spt_rows.jsonl").read_text().splitlines() if line.strip()]
-    general = [json.loads(line) for line in (path / "choices.jsonl").read_text().splitlines() if line.strip()]
+    train_rows = as_rows(path / "spt_rows.jsonl")
+    general = load_choices(path / "choices.jsonl")
     neutral = [t for t in (path / "neutral.txt").read_text().splitlines() if t.strip()][:cfg.n_neutral]
     say(f"organism: {path} ({sum(p.numel() for p in model.parameters()):,} parameters, planted heads {planted})")
 

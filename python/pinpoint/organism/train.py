@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import adapter_for
+from ..runs import make_batch
 from ..tune import _collate as collate_rows
 
 from ..data.dialogues import (CHALLENGE, CHALLENGE_PARAPHRASES, FINAL_QUESTION_MC, INSIST_JUSTIFICATIONS,
@@ -534,15 +535,9 @@ def probe(model, tokenizer, n: int = 96, seed: int = 0) -> dict:
     yes = rend.encode(["Yes"])[0][0]
 
     def last_logits(prompts):
-        rows = [(p, p) for p in prompts]
-        T = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), T), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for k, p in enumerate(prompts):  # left padding
-            ids[k, T - len(p):] = torch.tensor(p)
-            mask[k, T - len(p):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+        b = make_batch(prompts, pad_id=tokenizer.pad_token_id, side="left")
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                     position_ids=b.position_ids).logits[:, -1].float()
 
     first = [rend.prompt([_user(q.prompt)], PREFILL) for q in qs]
     lg = last_logits(first)[:, letter_ids]
