@@ -26,13 +26,7 @@ ARCHS = {
 HEADS = [(1, 0), (1, 3), (2, 2)]  # layer 0 untouched; two heads of layer 1 share KV head 0/1 under GQA
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than two (no barrier waits) and keeps CPU time low."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _ids(seed=0, B=2, T=9):
