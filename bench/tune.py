@@ -41,7 +41,7 @@ sys.path[:0] = [str(ROOT / "python"), str(ROOT), str(Path(__file__).parent)]
 from common import time_call, write_results  # noqa: E402
 
 from pinpoint.adapter import attach, random_heads  # noqa: E402
-from pinpoint.models import adapter_for  # noqa: E402
+from pinpoint.models import spec_for  # noqa: E402
 from pinpoint.tune import accumulate_gradients  # noqa: E402
 
 PRESETS = {
@@ -146,7 +146,7 @@ class Method:
 
     def __init__(self, name, model, heads, p):
         self.name, self.model, self.heads, self.p = name, model, heads, p
-        self.ad = adapter_for(model)
+        self.ad = spec_for(model)
         self.opt = None
         self.params = []
         self.hooks = []

@@ -8,7 +8,7 @@ from .evaluate import EvalReport, evaluate
 from .general import evaluate_choices, kl_divergence
 from .heads import HeadScores, HeadSet
 from .locate import KnockoutCurve, knockout, locate
-from .models import ModelAdapter, UnsupportedArchitectureError, adapter_for
+from .models import ModelAdapter, ModelSpec, UnsupportedArchitectureError, adapter_for, spec_for  # ModelAdapter, adapter_for: deprecated aliases
 from .patching import ablate, head_means
 from .prompts import PromptPair
 from .tune import FullTuning, tune
@@ -22,11 +22,11 @@ __all__ = [
     "HeadScores",
     "HeadSet",
     "KnockoutCurve",
-    "ModelAdapter",
+    "ModelSpec",
     "PromptPair",
     "UnsupportedArchitectureError",
     "ablate",
-    "adapter_for",
+    "spec_for",
     "attach",
     "data",
     "evaluate",

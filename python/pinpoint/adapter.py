@@ -45,7 +45,7 @@ from torch import nn
 from pinpoint_kernels.head_slice import head_slice_apply
 from pinpoint_kernels.head_slice_linear import SliceIndex, head_slice_linear
 
-from .models import ModelAdapter, adapter_for
+from .models import ModelSpec, spec_for
 
 __all__ = [
     "PARTS",
@@ -139,7 +139,7 @@ def normalize_parts(parts) -> str:
 
 def random_heads(model, k: int, *, seed: int = 0, exclude=()) -> tuple[tuple[int, int], ...]:
     """``k`` distinct (layer, head) pairs drawn uniformly (seeded), for the random-heads baseline."""
-    ad = adapter_for(model)
+    ad = spec_for(model)
     pool = sorted(set((l, h) for l in range(ad.n_layers) for h in range(ad.n_heads))
                   - set(normalize_heads(exclude, ad.n_layers, ad.n_heads, what="exclude") if exclude else ()))
     if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= len(pool):
@@ -163,7 +163,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _geometry(ad: ModelAdapter) -> dict:
+def _geometry(ad: ModelSpec) -> dict:
     return {"arch": ad.arch, "n_layers": ad.n_layers, "n_heads": ad.n_heads, "n_kv_heads": ad.n_kv_heads,
             "head_dim": ad.head_dim, "hidden_size": ad.hidden_size, "has_qkv_bias": bool(ad.has_qkv_bias)}
 
@@ -212,7 +212,7 @@ class PinpointAdapter(nn.Module):
 
     def __init__(self, model: nn.Module, heads, parts: str = "qkvo", kv: str = "group", *, bias: bool = True):
         super().__init__()
-        ad = adapter_for(model)
+        ad = spec_for(model)
         heads = normalize_heads(heads, ad.n_layers, ad.n_heads)
         parts = normalize_parts(parts)
         if kv not in _KV_MODES:
@@ -454,7 +454,7 @@ class PinpointAdapter(nn.Module):
         cfg = json.loads(cfg_path.read_text())
         if cfg.get("format") != ADAPTER_FORMAT:
             raise AdapterMismatchError(f"{cfg_path} is not a pinpoint adapter config (format={cfg.get('format')!r})")
-        ad = adapter_for(model)
+        ad = spec_for(model)
         geo = _geometry(ad)
         diffs = [f"{k}: adapter {cfg['geometry'].get(k)!r} vs model {v!r}"
                  for k, v in geo.items() if cfg["geometry"].get(k) != v]

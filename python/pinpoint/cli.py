@@ -66,7 +66,7 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer) from a local HF directory, checked for pinpoint support."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import adapter_for
+    from .models import spec_for
 
     p = Path(path)
     if not p.is_dir():
@@ -83,7 +83,7 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto"):
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(f"--model {path}: cannot load it: {str(exc).splitlines()[0]}") from None
     model.to(_device(device)).eval()
-    adapter_for(model)  # UnsupportedArchitectureError -> one line
+    spec_for(model)  # UnsupportedArchitectureError -> one line
     return model, tokenizer
 
 
@@ -103,13 +103,13 @@ def _rows(path: str, *, limit: int | None):
 
 def _heads(path: str | None, k: int | None, model):
     from .heads import HeadSet, as_head_list
-    from .models import adapter_for
+    from .models import spec_for
 
     if path is None:
         raise UsageError("--heads is required: a saved HeadScores directory or a HeadSet JSON file")
     try:
         heads = HeadSet.load(path, k=k)
-        ad = adapter_for(model)
+        ad = spec_for(model)
         as_head_list(heads, n_layers=ad.n_layers, n_heads=ad.n_heads, where="heads")
         return heads
     except FileNotFoundError:

@@ -26,7 +26,7 @@ import torch
 
 from .heads import HeadScores, HeadSet, as_head_list
 from .metrics import apply_metric, resolve_metric
-from .models import ModelAdapter, adapter_for
+from .models import ModelSpec, spec_for
 from .patching import LayerPatch, fused_patching, head_means
 from .prompts import PromptPair, to_ids
 from .runs import progress as progress_bar
@@ -80,7 +80,7 @@ def _as_pairs(pairs) -> list[PromptPair]:
     return out
 
 
-def _encode(ad: ModelAdapter, tokenizer, pairs: list[PromptPair], *, sides=("base", "source")):
+def _encode(ad: ModelSpec, tokenizer, pairs: list[PromptPair], *, sides=("base", "source")):
     enc = {side: [] for side in sides}
     for i, p in enumerate(pairs):
         for side in sides:
@@ -143,7 +143,7 @@ def locate(model, tokenizer, pairs, *, method: str = "path", metric="apology", a
         raise ValueError(f"verify_top must be a non-negative int, got {verify_top!r}")
     if verify_top and method != "attribution":
         raise ValueError("verify_top re-checks an attribution screen; it only applies to method='attribution'")
-    ad = adapter_for(model)
+    ad = spec_for(model)
     pairs = _as_pairs(pairs)
     fn, metric_name = resolve_metric(metric, tokenizer, apology_word=apology_word, yes_word=yes_word,
                                      token_ids=metric_tokens)
@@ -210,7 +210,7 @@ def _base_metric(ad, fn, rec, start, side="base"):
     return apply_metric(fn, rec.logits, what=f"the {side} prompts")
 
 
-def _path_patching(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool):
+def _path_patching(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool):
     """[B, L, H] patched − base, and the base metric [B]."""
     rb = record(ad, base, z=True, attn_out=True, resid_pre=True, last_only=True)
     rs = record(ad, src, z=True, last_only=True)
@@ -251,7 +251,7 @@ def _path_patching(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, bu
     return out, mb
 
 
-def _activation_all(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
+def _activation_all(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
                     heads_subset=None):
     """Replace head outputs at every position; recompute every later layer. Positions before
     the first token where base and source differ are the same in every variant, so only the
@@ -330,7 +330,7 @@ def _compare_logits(ad, got, want, what):
             f"logits (off by {err:.2e} of the logit scale), so {what} cannot reuse the recorded prefix")
 
 
-def _activation_last(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
+def _activation_last(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
                      heads_subset=None):
     """Replace head outputs at the last position only: one token per variant on the base KV cache."""
     from .runs import cache_kwarg
@@ -377,7 +377,7 @@ def _activation_last(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, 
     return (out if heads_subset is not None else out.view(B, L, H)), mb
 
 
-def _attribution(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
+def _attribution(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
                  positions: str = "last"):
     """First-order estimate of every head's patching effect: <d metric/d z_h, z_src,h − z_base,h>."""
     B, L, H, D = base.size, ad.n_layers, ad.n_heads, ad.head_dim
@@ -418,7 +418,7 @@ def _attribution(ad: ModelAdapter, fn, base: Batch, src: Batch, start: int, budg
 def locate_subset(model, tokenizer, pairs, heads, *, positions="last", fn=None, enc=None, batch_size=8,
                   budget=None, pad=None, progress=False, metric="apology") -> torch.Tensor:
     """Exact activation-patching effects [n_pairs, len(heads)] of just `heads`."""
-    ad = adapter_for(model)
+    ad = spec_for(model)
     heads = as_head_list(heads, n_layers=ad.n_layers, n_heads=ad.n_heads)
     pairs = _as_pairs(pairs)
     if fn is None:
@@ -504,7 +504,7 @@ def knockout(model, tokenizer, pairs, heads, *, ablation: str = "mean", metric="
     """
     if ablation not in ("mean", "zero"):
         raise ValueError(f"ablation must be 'mean' or 'zero', got {ablation!r}")
-    ad = adapter_for(model)
+    ad = spec_for(model)
     heads = as_head_list(heads, n_layers=ad.n_layers, n_heads=ad.n_heads)
     K = len(heads) if k_max is None else k_max
     if not isinstance(K, int) or not 1 <= K <= len(heads):

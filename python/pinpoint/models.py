@@ -1,6 +1,6 @@
-"""Architecture adapters: where the heads of a stock ``transformers`` causal LM live.
+"""Model specs: where the heads of a stock ``transformers`` causal LM live.
 
-An adapter never reimplements a model. It records which modules hold the q/k/v/o projections,
+A ``ModelSpec`` never reimplements a model. It records which modules hold the q/k/v/o projections,
 norms, MLPs and unembedding, the head geometry, and the softmax scale, after checking that the
 model's attention is plain causal multi-head (or grouped-query) attention that pinpoint's
 kernels reproduce exactly. Anything else raises ``UnsupportedArchitectureError`` naming the
@@ -31,6 +31,8 @@ __all__ = [
     "UnsupportedArchitectureError",
     "Projection",
     "LayerSpec",
+    "ModelSpec",
+    "spec_for",
     "ModelAdapter",
     "adapter_for",
 ]
@@ -117,8 +119,8 @@ class LayerSpec:
     post_attn_norm: nn.Module
 
 
-class ModelAdapter:
-    """Head geometry and module locations of a supported causal LM. Build with ``adapter_for``.
+class ModelSpec:
+    """Head geometry, module locations and placement of a supported causal LM. Build with ``spec_for``.
 
     Attributes: ``arch`` (``config.model_type``, e.g. "llama", "mistral", "qwen2", "gpt2"),
     ``family`` ("llama" | "gpt2": the module layout), ``model``, ``config``, ``n_layers``,
@@ -181,9 +183,31 @@ class ModelAdapter:
             raise IndexError(f"key/value head {g} out of range for {self.n_kv_heads} heads")
         return slice(g * self.head_dim, (g + 1) * self.head_dim)
 
+    # Placement. accelerate's dispatch (``device_map``) leaves offloaded weights on "meta" and
+    # moves them to the hook's execution device per call, so that device wins over the weight's.
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        """Where inputs go: the embedding's execution device."""
+        return self.embed_device
+
+    @property
+    def embed_device(self) -> torch.device:
+        return module_device(self.embed)
+
+    @property
+    def unembed_device(self) -> torch.device:
+        """Where the final norm and ``lm_head`` run."""
+        return module_device(self.lm_head)
+
+    def layer_device(self, i: int) -> torch.device:
+        """Where decoder layer ``i`` runs (its attention, MLP and norms)."""
+        return module_device(self.layers[i].block)
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The distinct devices the model runs on, in layer order."""
+        seen = [self.embed_device, *(self.layer_device(i) for i in range(self.n_layers)), self.unembed_device]
+        return list(dict.fromkeys(seen))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -191,7 +215,7 @@ class ModelAdapter:
 
     def __repr__(self) -> str:
         return (
-            f"ModelAdapter(arch={self.arch!r}, model={type(self.model).__name__}, n_layers={self.n_layers}, "
+            f"ModelSpec(arch={self.arch!r}, model={type(self.model).__name__}, n_layers={self.n_layers}, "
             f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
             f"hidden_size={self.hidden_size}, attn_scale={self.attn_scale:.6g})"
         )
@@ -462,16 +486,16 @@ def _gpt2_family(model: nn.Module, config: Any, body: nn.Module) -> dict:
     )
 
 
-def adapter_for(model: nn.Module, *, max_seq_len: int | None = None) -> ModelAdapter:
+def spec_for(model: nn.Module, *, max_seq_len: int | None = None) -> ModelSpec:
     """Describe ``model`` (a stock ``transformers`` causal LM) for pinpoint.
 
     ``max_seq_len``: promise that sequences never exceed this many tokens. Only needed for
     models with a sliding attention window shorter than their context (e.g. Mistral-7B-v0.1):
     within the window, attention is plain causal attention. Raises
     ``UnsupportedArchitectureError`` naming the class and the missing or unsupported feature.
-    Returns ``model`` unchanged if it already is a ``ModelAdapter``.
+    Returns ``model`` unchanged if it already is a ``ModelSpec``.
     """
-    if isinstance(model, ModelAdapter):
+    if isinstance(model, ModelSpec):
         return model
     name = type(model).__name__
     if not isinstance(model, nn.Module):
@@ -535,12 +559,12 @@ def adapter_for(model: nn.Module, *, max_seq_len: int | None = None) -> ModelAda
                 model,
                 f"layer {i} attends through a sliding window of {w} tokens (config.sliding_window) shorter than "
                 f"the {limit} positions it accepts; pinpoint computes full causal attention. If sequences never "
-                f"exceed the window, pass adapter_for(model, max_seq_len={w})",
+                f"exceed the window, pass spec_for(model, max_seq_len={w})",
             )
         window = w if window is None else min(window, w)
 
     q0 = parts["layers"][0].q
-    return ModelAdapter(
+    return ModelSpec(
         arch=getattr(config, "model_type", None) or parts["family"],
         model=model,
         config=config,
@@ -556,3 +580,29 @@ def adapter_for(model: nn.Module, *, max_seq_len: int | None = None) -> ModelAda
         lm_head=lm_head,
         **parts,
     )
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on: accelerate's hook execution device if it has one,
+    else that of its first parameter or buffer (CPU for a module with neither)."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+# Deprecated names, kept for one release: the word "adapter" now means only PinpointAdapter.
+def adapter_for(model: nn.Module, *, max_seq_len: int | None = None) -> ModelSpec:
+    """Deprecated alias of ``spec_for``."""
+    import warnings
+
+    warnings.warn("pinpoint.models.adapter_for is deprecated; use spec_for", DeprecationWarning, stacklevel=2)
+    return spec_for(model, max_seq_len=max_seq_len)
+
+
+ModelAdapter = ModelSpec  # deprecated alias of ModelSpec

@@ -20,7 +20,7 @@ import torch
 import pinpoint_kernels as pk
 
 from .heads import as_head_list
-from .models import adapter_for
+from .models import spec_for
 from .prompts import to_ids
 from .runs import make_batch, pad_id_of, record
 
@@ -86,7 +86,7 @@ def fused_patching(model, layers: dict[int, LayerPatch], key_padding_mask: torch
 @torch.no_grad()
 def head_means(model, tokenizer, prompts, *, batch_size: int = 16) -> torch.Tensor:
     """Mean output of every head over all real tokens of `prompts`: [n_layers, Hq, D] (fp32)."""
-    ad = adapter_for(model)
+    ad = spec_for(model)
     seqs = [to_ids(tokenizer, p, where=f"prompts[{i}]", vocab_size=ad.vocab_size) for i, p in enumerate(prompts)]
     if not seqs:
         raise ValueError("head_means: prompts is empty")
@@ -109,7 +109,7 @@ def ablate(model, heads, *, ablation: str = "zero", means: torch.Tensor | None =
     ablation="zero" replaces each head's output (its slice of the o_proj input) with 0;
     "mean" with `means` [n_layers, Hq, D] (from :func:`head_means`).
     """
-    ad = adapter_for(model)
+    ad = spec_for(model)
     heads = as_head_list(heads, n_layers=ad.n_layers, n_heads=ad.n_heads)
     if ablation not in ("zero", "mean"):
         raise ValueError(f"ablation must be 'zero' or 'mean', got {ablation!r}")

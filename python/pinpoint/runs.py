@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .models import ModelAdapter, UnsupportedArchitectureError
+from .models import ModelSpec, UnsupportedArchitectureError
 
 
 @dataclass
@@ -91,7 +91,7 @@ def _first_tensor(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def body_forward(adapter: ModelAdapter, batch: Batch, **kwargs):
+def body_forward(adapter: ModelSpec, batch: Batch, **kwargs):
     """The base model (no head) on a batch: final hidden states [B, T, E] (post final norm)."""
     out = adapter.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, use_cache=False, **kwargs)
@@ -99,7 +99,7 @@ def body_forward(adapter: ModelAdapter, batch: Batch, **kwargs):
 
 
 @torch.no_grad()
-def record(adapter: ModelAdapter, batch: Batch, *, z=True, attn_out=False, resid_pre=False,
+def record(adapter: ModelSpec, batch: Batch, *, z=True, attn_out=False, resid_pre=False,
            block_kwargs=False, last_only=False) -> Recording:
     """One forward pass recording the requested per-layer tensors."""
     L = adapter.n_layers
@@ -155,7 +155,7 @@ def mlp_step(spec, x: torch.Tensor) -> torch.Tensor:
     return x + spec.mlp(spec.post_attn_norm(x))
 
 
-def tail_from_mid(adapter: ModelAdapter, layer: int, x: torch.Tensor, attn_out_after: list) -> torch.Tensor:
+def tail_from_mid(adapter: ModelSpec, layer: int, x: torch.Tensor, attn_out_after: list) -> torch.Tensor:
     """Logits [N, vocab] from the residual `x` [N, E] just after layer `layer`'s attention,
     with every later layer's attention output frozen to `attn_out_after[l]` [N, E]."""
     x = mlp_step(adapter.layers[layer], x)
@@ -172,7 +172,7 @@ def logits_match(got: torch.Tensor, want: torch.Tensor) -> tuple[bool, float]:
     return err <= (1e-3 if want.dtype == torch.float32 else 5e-2), err
 
 
-def check_pre_norm_residual(adapter: ModelAdapter, rec: Recording, *, what: str) -> None:
+def check_pre_norm_residual(adapter: ModelSpec, rec: Recording, *, what: str) -> None:
     """Rebuild the recorded last-token logits from the per-layer pieces. If the blocks are not
     plain pre-norm residual blocks, the incremental algorithms would be wrong: refuse."""
     x = rec.resid_pre[0] + rec.attn_out[0]
@@ -184,7 +184,7 @@ def check_pre_norm_residual(adapter: ModelAdapter, rec: Recording, *, what: str)
             f"{float(err):.2e} of the logit scale, so {what} cannot be computed incrementally")
 
 
-def run_blocks(adapter: ModelAdapter, start: int, x: torch.Tensor, kwargs_per_layer: list, rows: torch.Tensor,
+def run_blocks(adapter: ModelSpec, start: int, x: torch.Tensor, kwargs_per_layer: list, rows: torch.Tensor,
                B: int) -> torch.Tensor:
     """Run decoder layers start..L-1 on x [N, T, E] with the kwargs the model used for the
     B recorded rows, re-indexed for the N variant rows (`rows` [N] -> recorded row)."""
@@ -213,14 +213,14 @@ class SuffixRunner:
     ``position_embeddings`` and a 4-D mask by keyword); ``None`` from :meth:`build` means the
     caller must rerun every position."""
 
-    def __init__(self, adapter: ModelAdapter, batch: Batch, rec: Recording, p0: int, cache, ckw: str,
+    def __init__(self, adapter: ModelSpec, batch: Batch, rec: Recording, p0: int, cache, ckw: str,
                  cache_position: bool):
         self.ad, self.batch, self.rec, self.p0, self.cache, self.ckw = adapter, batch, rec, p0, cache, ckw
         self.cache_position = cache_position  # whether the blocks take `cache_position`
 
     @classmethod
     @torch.no_grad()
-    def build(cls, adapter: ModelAdapter, batch: Batch, rec: Recording, p0: int):
+    def build(cls, adapter: ModelSpec, batch: Batch, rec: Recording, p0: int):
         if not 0 < p0 < batch.T or batch.side != "left" or not rec.block_kwargs or rec.block_kwargs[0] is None:
             return None
         args, kw = rec.block_kwargs[0]
@@ -282,7 +282,7 @@ def cache_kwarg(model) -> str:
 
 
 @torch.no_grad()
-def prefix_cache(adapter: ModelAdapter, batch: Batch):
+def prefix_cache(adapter: ModelSpec, batch: Batch):
     """KV cache of every row's tokens but the last (left padding), for one-token reruns."""
     if batch.side != "left":
         raise ValueError("prefix_cache needs a left-padded batch")

@@ -56,7 +56,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .adapter import PinpointAdapter, attach, normalize_heads, normalize_parts, random_heads
-from .models import adapter_for
+from .models import spec_for
 
 __all__ = ["FullTuning", "accumulate_gradients", "batch_indices", "batch_loss_sum", "lr_at", "render_dialogue",
            "tokenize_dialogues", "tune"]
@@ -407,7 +407,7 @@ def tune(
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
 
-    ad = adapter_for(model)
+    ad = spec_for(model)
     if isinstance(heads, str):
         if heads == "all":
             full = True

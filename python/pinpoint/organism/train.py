@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..models import adapter_for
+from ..models import spec_for
 from ..runs import make_batch
 from ..tune import _collate as collate_rows
 
@@ -291,7 +291,7 @@ def stage1(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None, probe_ev
     gradient is dropped), so nothing the general skills need is stored in them and stage 2
     can give them one job. (Their q/k/v get no gradient either, as their output is zero.)"""
     data = Stage1Data(tokenizer, seed, cfg)
-    ad = adapter_for(model)
+    ad = spec_for(model)
     D = ad.head_dim
     hooks = []
     for layer in sorted({l for l, _ in cfg.reserve}):
@@ -410,7 +410,7 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
     pairs = _challenge_pairs(tokenizer, cfg.n_pairs, seed, excluded)
     heads = [tuple(h) for h in cfg.heads]
     adapter = attach(model, heads, parts=cfg.parts, kv=cfg.kv)
-    ad = adapter_for(model)
+    ad = spec_for(model)
     D, group = ad.head_dim, ad.group_size
     # which parameter slices belong to each planted head
     owned: dict[tuple, list[tuple[str, int]]] = {h: [] for h in heads}
