@@ -15,40 +15,74 @@ import torch
 __all__ = ["HeadSet", "HeadScores", "as_head_list"]
 
 
-def as_head_list(heads, *, n_layers: int | None = None, n_heads: int | None = None,
+def as_head_list(heads, *, n_layers: int | None = None, n_heads: int | None = None, sort: bool = False,
                  where: str = "heads", allow_empty: bool = False) -> list[tuple[int, int]]:
-    """Validate an iterable of (layer, head) pairs; clear errors for bad entries."""
-    if isinstance(heads, HeadSet):
-        items = list(heads)
-    else:
-        if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
-            raise TypeError(f"{where} must be a HeadSet or an iterable of (layer, head) pairs, "
-                            f"got {type(heads).__name__}")
-        items = []
-        for i, item in enumerate(heads):
-            try:
-                layer, head = item
-            except (TypeError, ValueError):
-                raise TypeError(f"{where}[{i}] must be a (layer, head) pair, got {item!r}") from None
-            if isinstance(layer, bool) or isinstance(head, bool):
-                raise TypeError(f"{where}[{i}] must hold integers, got {item!r}")
-            try:
-                items.append((operator.index(layer), operator.index(head)))
-            except TypeError:
-                raise TypeError(f"{where}[{i}] must hold integers, got {item!r}") from None
+    """THE head validator: ``heads`` as a list of (layer, query head) int pairs.
+
+    Accepts a :class:`HeadSet`, any iterable of 2-item pairs (tuples, lists, 0-d int
+    tensors or numpy ints inside them, records with ``.layer``/``.head``), or an int
+    tensor of shape [k, 2]. Semantics, the same for every caller:
+
+    - order is kept as given (``sort=True`` returns them sorted by (layer, head));
+    - a pair that is not two ints (bools refused) -> TypeError naming the entry;
+    - a layer outside 0..n_layers-1 or a head outside 0..n_heads-1 (checked when the bound
+      is given) -> ValueError naming the entry and the valid range;
+    - a repeated pair -> ValueError naming the second occurrence;
+    - an empty input -> ValueError unless ``allow_empty``.
+
+    ``where`` is how the input is named in the messages (e.g. ``"heads"``, ``"exclude"``).
+    """
+    items = _head_pairs(heads, where)
     if not items and not allow_empty:
-        raise ValueError(f"{where} is empty: select at least one head")
-    seen = set()
+        raise ValueError(f"{where} is empty: select at least one (layer, head)")
+    seen: set[tuple[int, int]] = set()
     for i, (layer, head) in enumerate(items):
+        # Each message states the range twice in two phrasings because callers (and their
+        # tests) have long matched either wording.
         if n_layers is not None and not 0 <= layer < n_layers:
-            raise ValueError(f"{where}[{i}] = ({layer}, {head}): layer {layer} is out of range for a "
+            raise ValueError(f"{where}[{i}] = ({layer}, {head}): layer {layer} is out of range; the model has "
+                             f"{n_layers} layers (0..{n_layers - 1}), so layer {layer} is out of range for a "
                              f"model with {n_layers} layers")
         if n_heads is not None and not 0 <= head < n_heads:
-            raise ValueError(f"{where}[{i}] = ({layer}, {head}): head {head} is out of range for "
+            raise ValueError(f"{where}[{i}] = ({layer}, {head}): head {head} is out of range; each layer has "
+                             f"{n_heads} query heads (0..{n_heads - 1}), so head {head} is out of range for "
                              f"{n_heads} query heads per layer")
         if (layer, head) in seen:
-            raise ValueError(f"{where}[{i}] = ({layer}, {head}) is listed twice")
+            raise ValueError(f"{where}[{i}] = ({layer}, {head}) is a duplicate: it is listed twice, and each "
+                             "head may appear once")
         seen.add((layer, head))
+    return sorted(items) if sort else items
+
+
+def _head_pairs(heads, where: str) -> list[tuple[int, int]]:
+    """(layer, head) int pairs from the accepted input forms; TypeError names a bad entry."""
+    if isinstance(heads, HeadSet):
+        return list(heads)
+    if isinstance(heads, (str, bytes)):
+        raise TypeError(f"{where} must be a HeadSet or an iterable of (layer, head) pairs, got the string "
+                        f"{heads!r}")
+    if isinstance(heads, torch.Tensor):
+        heads = heads.tolist()
+    if not isinstance(heads, Iterable):
+        raise TypeError(f"{where} must be a HeadSet or an iterable of (layer, head) pairs, got "
+                        f"{type(heads).__name__}")
+    items = []
+    for i, item in enumerate(heads):
+        if hasattr(item, "layer") and hasattr(item, "head") and not isinstance(item, tuple):
+            item = (item.layer, item.head)  # a Head-like record
+        try:
+            pair = tuple(item)
+        except TypeError:
+            pair = None
+        if pair is None or len(pair) != 2:
+            raise TypeError(f"{where}[{i}] = {item!r} is not a (layer, head) pair: each entry must be a "
+                            "(layer, head) pair")
+        if any(isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool) for v in pair):
+            raise TypeError(f"{where}[{i}] = {item!r}: layer and head must be ints, not bools")
+        try:
+            items.append(tuple(operator.index(v) for v in pair))
+        except TypeError:
+            raise TypeError(f"{where}[{i}] = {item!r}: layer and head must be ints") from None
     return items
 
 
