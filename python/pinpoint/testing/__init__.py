@@ -1,4 +1,5 @@
-"""Offline, deterministic fixtures: a word-level chat tokenizer and tiny random stock models.
+"""Offline, deterministic fixtures: a word-level chat tokenizer, tiny random stock models, and
+a zoo of tiny replicas of real chat-model families (``replica``, ``FAMILIES``; see ``zoo.py``).
 
 Nothing here touches the network. Everything is a stock ``transformers`` / ``tokenizers``
 object, so code under test sees exactly what it would see with a hub checkpoint.
@@ -11,7 +12,13 @@ from typing import Iterable
 
 import torch
 
+from .zoo import FAMILIES, Family, load_replica, replica
+
 __all__ = [
+    "FAMILIES",
+    "Family",
+    "replica",
+    "load_replica",
     "TINY_ARCHS",
     "SPECIAL_TOKENS",
     "DEFAULT_WORDS",
