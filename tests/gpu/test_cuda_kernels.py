@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import pinpoint_kernels as pk
+from pinpoint_kernels import backends, self_check
 from pinpoint_kernels import reference as ref
 
 
@@ -155,10 +156,28 @@ def test_runs_on_the_current_stream(need_backend, backend):
 
 
 def test_cuda_rejects_unsupported_head_dim(need_backend):
+    """Python's limit check (backends.LIMITS) refuses it before any launch, with one message;
+    without a forced backend the dispatch skips cuda and runs triton instead."""
     need_backend("cuda")
     q = torch.randn(1, 2, 1, 300, device=DEV)
-    with pytest.raises(RuntimeError, match=r"head_dim 300 is not supported by the CUDA kernels"):
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run head_patched_attention: head_dim 300 "
+                                           r"exceeds its limit of 256 \(the CUDA kernels support head_dim "
+                                           r"1\.\.256; use backend='triton' or 'reference'\)"):
         pk.head_patched_attention(q, q, q, backend="cuda")
+    if backends._usable("triton", q.device) is None:
+        assert backends.resolve("head_patched_attention", q.device, head_dim=300)[0] == "triton"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["head_patched_attention", "head_slice_grad", "head_slice_apply"])
+def test_backend_passes_its_self_check(need_backend, backend, op):
+    """The once-per-process check (pinpoint_kernels.self_check) passes on this GPU in every
+    dtype at the head_dims real models use; a failure here means dispatch would fall back."""
+    need_backend(backend)
+    fn = backends._launcher(backend, op, torch.device(DEV))
+    for dtype in C.DTYPES:
+        for head_dim in (64, 128):
+            self_check.run(op, fn, torch.device(DEV), dtype, head_dim)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
