@@ -32,7 +32,6 @@ Metrics, in percent, overall ("all") and per dataset (``compute_metrics``):
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -44,7 +43,8 @@ from typing import Any
 import torch
 
 from .data.are_you_sure import as_rows
-from .data.dialogues import CHALLENGE, FINAL_QUESTION_FREE, FINAL_QUESTION_MC, final_question, require_chat_template
+from .chat import chat_ids, generate_texts, require_chat_template
+from .data.dialogues import CHALLENGE, FINAL_QUESTION_FREE, FINAL_QUESTION_MC, final_question
 from .judges import JudgeItem, judge_name, match_answer, parse_letter, resolve_judge
 
 __all__ = [
@@ -64,145 +64,7 @@ METRICS = ("n", "accuracy_before", "apology_rate", "confidence", "accuracy_after
 
 
 # ---------------------------------------------------------------------------------------------
-# Rendering and generation.
-
-
-def chat_ids(tokenizer, messages: Sequence[Mapping], *, prefill: str | None = None, where: str = "prompt") -> list[int]:
-    """Token ids of ``messages`` through the tokenizer's chat template, generation prompt added.
-    With ``prefill`` the assistant's turn is opened and starts with that text."""
-    require_chat_template(tokenizer, where)
-    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-    if prefill:
-        try:
-            out = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": prefill}], tokenize=True,
-                                                continue_final_message=True)
-        except (ValueError, TypeError):
-            # Templates that cannot continue a message: open the turn, then append the prefill.
-            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            out = tokenizer(text + prefill, add_special_tokens=False)
-    else:
-        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
-    if isinstance(out, Mapping) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    ids = [int(t) for t in out]
-    if not ids:
-        raise ValueError(f"{where} renders to no tokens")
-    return ids
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    for v in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-              getattr(tokenizer, "eos_token_id", None)):
-        if v is None:
-            continue
-        ids.extend([v] if isinstance(v, int) else list(v))
-    return list(dict.fromkeys(int(i) for i in ids))
-
-
-def _max_positions(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="seq", leave=False,
-                disable=not enabled or os.environ.get("PINPOINT_NO_PROGRESS") == "1")
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Silence generate's notices about sampling flags of the model's own generation config
-    (greedy decoding ignores them on purpose)."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)
-
-
-def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
-                   batch_size: int = 16, progress: bool = True, desc: str = "generate") -> list[str]:
-    """Greedy continuations of token-id prompts, decoded, in the order given.
-
-    Prompts are grouped by length into batches of ``batch_size``, left-padded (attention mask
-    and positions follow the real tokens, so a batch gives what each prompt gives alone) and
-    run through ``model.generate`` with its KV cache. A continuation ends at the first
-    end-of-sequence token (the model's and the tokenizer's); special tokens are dropped and
-    surrounding spaces stripped. The model is put in eval mode for the call and restored.
-    """
-    from transformers import GenerationConfig
-
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    prompts = [list(map(int, p)) for p in prompts]
-    if not prompts:
-        return []
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty")
-    limit = _max_positions(model)
-    longest = max(len(p) for p in prompts)
-    if limit is not None and longest + max_new_tokens > limit:
-        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"{limit} positions; lower max_new_tokens or shorten the prompts")
-    eos = _eos_ids(model, tokenizer)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = eos[0] if eos else 0
-    gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=int(max_new_tokens), pad_token_id=pad,
-                               eos_token_id=eos or None, use_cache=True)
-    try:
-        device = next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        device = torch.device("cpu")
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    outs: list[str | None] = [None] * len(prompts)
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-    bar = _progress(len(prompts), desc, progress)
-    try:
-        with torch.inference_mode(), _quiet_transformers():
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                width = max(len(prompts[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    p = prompts[i]
-                    ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                    mask[r, width - len(p):] = 1
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=gen_cfg)
-                new = out[:, width:].tolist()
-                for r, i in enumerate(idx):
-                    toks = new[r]
-                    for k, t in enumerate(toks):
-                        if t in eos:
-                            toks = toks[:k]
-                            break
-                    outs[i] = tokenizer.decode(toks, skip_special_tokens=True).strip()
-                bar.update(len(idx))
-    finally:
-        bar.close()
-        if was_training and hasattr(model, "train"):
-            model.train()
-    return [o if o is not None else "" for o in outs]
+# Rendering and generation: pinpoint.chat (chat_ids, generate_texts are re-exported here).
 
 
 def _join(prefill: str | None, text: str) -> str:

@@ -19,6 +19,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .batching import input_device, length_batches, pad, pad_id
+from .chat import chat_ids
+from .modes import eval_mode
+from .progress import progress as progress_bar
+
 __all__ = ["evaluate_choices", "ChoicesReport", "load_choices", "kl_divergence"]
 
 
@@ -120,43 +125,6 @@ class ChoicesReport:
         return {"results": str(res), "samples": str(smp)}
 
 
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
-def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[r, :len(s)] = 1
-    return ids, mask
-
-
-class _EvalMode:
-    """Eval mode and no autograd for a block; the training flag is restored afterwards."""
-
-    def __init__(self, *models):
-        self.models = [m for m in models if hasattr(m, "eval")]
-
-    def __enter__(self):
-        self.flags = [bool(getattr(m, "training", False)) for m in self.models]
-        for m in self.models:
-            m.eval()
-        self.ctx = torch.inference_mode()
-        self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
-        for m, f in zip(self.models, self.flags):
-            if f:
-                m.train()
-
-
 def evaluate_choices(model, tokenizer, rows: Any, *, chat: bool | None = None, system: str | None = None,
                      batch_size: int = 16, progress: bool = True) -> ChoicesReport:
     """Multiple-choice accuracy by log-likelihood.
@@ -172,8 +140,6 @@ def evaluate_choices(model, tokenizer, rows: Any, *, chat: bool | None = None, s
     ``rows``: a JSONL path or dicts with ``question``, ``choices``, ``answer`` (index, letter
     or text) and optionally ``dataset``.
     """
-    from .evaluate import _progress, chat_ids
-
     if tokenizer is None:
         raise ValueError("evaluate_choices needs a tokenizer")
     rows = load_choices(rows)
@@ -182,6 +148,22 @@ def evaluate_choices(model, tokenizer, rows: Any, *, chat: bool | None = None, s
         chat = has_template
     if chat and not has_template:
         raise ValueError("chat=True but the tokenizer has no chat template (tokenizer.chat_template is not set)")
+    seqs, spans, owners = _choice_sequences(tokenizer, rows, chat=chat, system=system)
+    scores = _continuation_logprobs(model, seqs, spans, pad_id(tokenizer, model), batch_size=batch_size,
+                                    progress=progress)
+    per_row: list[list[float]] = [[] for _ in rows]
+    for k, (i, _j) in enumerate(owners):
+        per_row[i].append(scores[k])
+    samples = [_choice_sample(i, r, ll) for i, (r, ll) in enumerate(zip(rows, per_row))]
+    results = {"all": _choice_metrics(samples)}
+    for ds in sorted({s["dataset"] for s in samples}):
+        results[ds] = _choice_metrics([s for s in samples if s["dataset"] == ds])
+    config = {"chat": bool(chat), "system": system, "batch_size": batch_size, "n_rows": len(rows)}
+    return ChoicesReport(results, samples, config)
+
+
+def _choice_sequences(tokenizer, rows: list[dict], *, chat: bool, system: str | None):
+    """Every (row, choice) as context + choice token ids, with the choice's span [a, b) in it."""
     seqs, spans, owners = [], [], []
     for i, r in enumerate(rows):
         if chat:
@@ -197,15 +179,17 @@ def evaluate_choices(model, tokenizer, rows: Any, *, chat: bool | None = None, s
             seqs.append(ctx + cont)
             spans.append((len(ctx), len(ctx) + len(cont)))
             owners.append((i, j))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    dev = _device(model)
+    return seqs, spans, owners
+
+
+def _continuation_logprobs(model, seqs, spans, pad_token: int, *, batch_size: int, progress: bool) -> list[float]:
+    """Summed log-probability of tokens [a, b) of each sequence given the tokens before them."""
+    dev = input_device(model)
     scores = [0.0] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda k: (-len(seqs[k]), k))
-    bar = _progress(len(seqs), "choices", progress)
-    with _EvalMode(model):
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            ids, mask = _right_pad([seqs[k] for k in idx], pad)
+    bar = progress_bar(len(seqs), "choices", progress, unit="seq")
+    with eval_mode(model), torch.inference_mode():
+        for idx in length_batches(seqs, batch_size):
+            ids, mask = pad([seqs[k] for k in idx], pad_token, "right")
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
             logp = F.log_softmax(logits, dim=-1)
             for r, k in enumerate(idx):
@@ -214,30 +198,22 @@ def evaluate_choices(model, tokenizer, rows: Any, *, chat: bool | None = None, s
                 scores[k] = float(logp[r, a - 1:b - 1].gather(-1, target[:, None]).sum())
             bar.update(len(idx))
     bar.close()
+    return scores
 
-    per_row: list[list[float]] = [[] for _ in rows]
-    for k, (i, _j) in enumerate(owners):
-        per_row[i].append(scores[k])
-    samples = []
-    for i, r in enumerate(rows):
-        ll = per_row[i]
-        norm = [s / max(1, len(c.strip())) for s, c in zip(ll, r["choices"])]
-        pred = max(range(len(ll)), key=lambda j: (ll[j], -j))
-        pred_n = max(range(len(norm)), key=lambda j: (norm[j], -j))
-        samples.append({"doc_id": i, "dataset": r["dataset"], "question": r["question"], "choices": r["choices"],
-                        "answer": r["answer"], "loglikelihoods": ll, "pred": pred, "pred_norm": pred_n,
-                        "correct": pred == r["answer"], "correct_norm": pred_n == r["answer"]})
 
-    def metrics(ss):
-        n = len(ss)
-        return {"n": n, "accuracy": 100.0 * sum(s["correct"] for s in ss) / n,
-                "accuracy_norm": 100.0 * sum(s["correct_norm"] for s in ss) / n}
+def _choice_sample(i: int, r: dict, ll: list[float]) -> dict:
+    norm = [s / max(1, len(c.strip())) for s, c in zip(ll, r["choices"])]
+    pred = max(range(len(ll)), key=lambda j: (ll[j], -j))
+    pred_n = max(range(len(norm)), key=lambda j: (norm[j], -j))
+    return {"doc_id": i, "dataset": r["dataset"], "question": r["question"], "choices": r["choices"],
+            "answer": r["answer"], "loglikelihoods": ll, "pred": pred, "pred_norm": pred_n,
+            "correct": pred == r["answer"], "correct_norm": pred_n == r["answer"]}
 
-    results = {"all": metrics(samples)}
-    for ds in sorted({s["dataset"] for s in samples}):
-        results[ds] = metrics([s for s in samples if s["dataset"] == ds])
-    config = {"chat": bool(chat), "system": system, "batch_size": batch_size, "n_rows": len(rows)}
-    return ChoicesReport(results, samples, config)
+
+def _choice_metrics(ss: list[dict]) -> dict:
+    n = len(ss)
+    return {"n": n, "accuracy": 100.0 * sum(s["correct"] for s in ss) / n,
+            "accuracy_norm": 100.0 * sum(s["correct_norm"] for s in ss) / n}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,8 +230,31 @@ def kl_divergence(model, reference_model, texts: Any, tokenizer=None, *, batch_s
     ``texts``: strings (tokenized with ``tokenizer``, special tokens included) or lists of
     token ids (``tokenizer`` may then be None). Right padding is masked out.
     """
-    from .evaluate import _progress
+    seqs = _kl_sequences(texts, tokenizer)
+    dm, dr = input_device(model), input_device(reference_model)
+    pad_token = pad_id(tokenizer, reference_model)
+    total, count = 0.0, 0
+    bar = progress_bar(len(seqs), "kl", progress, unit="seq")
+    with eval_mode(model, reference_model), torch.inference_mode():
+        for idx in length_batches(seqs, batch_size):
+            ids, mask = pad([seqs[k] for k in idx], pad_token, "right")
+            lm = model(input_ids=ids.to(dm), attention_mask=mask.to(dm)).logits.float()
+            lr = reference_model(input_ids=ids.to(dr), attention_mask=mask.to(dr)).logits.float().to(lm.device)
+            if lm.shape[-1] != lr.shape[-1]:
+                raise ValueError(f"the models have different vocabularies ({lm.shape[-1]} vs {lr.shape[-1]} logits)")
+            logq = F.log_softmax(lm, dim=-1)
+            logp = F.log_softmax(lr, dim=-1)
+            kl = (logp.exp() * (logp - logq)).sum(-1)  # [B, T]
+            m = mask.to(kl.device).bool()
+            total += float(kl[m].double().sum())
+            count += int(m.sum())
+            bar.update(len(idx))
+    bar.close()
+    return total / count
 
+
+def _kl_sequences(texts, tokenizer) -> list[list[int]]:
+    """Token ids of each text (strings through ``tokenizer``, or id lists as given), checked."""
     if isinstance(texts, (str, bytes)) or (isinstance(texts, Sequence) and texts and isinstance(texts[0], int)):
         texts = [texts]
     texts = list(texts) if texts is not None else []
@@ -274,27 +273,4 @@ def kl_divergence(model, reference_model, texts: Any, tokenizer=None, *, batch_s
         if not ids:
             raise ValueError(f"text {i} has no tokens")
         seqs.append(ids)
-    pad = 0
-    if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
-        pad = tokenizer.pad_token_id
-    dm, dr = _device(model), _device(reference_model)
-    total, count = 0.0, 0
-    order = sorted(range(len(seqs)), key=lambda k: (-len(seqs[k]), k))
-    bar = _progress(len(seqs), "kl", progress)
-    with _EvalMode(model, reference_model):
-        for start in range(0, len(order), batch_size):
-            batch = [seqs[k] for k in order[start:start + batch_size]]
-            ids, mask = _right_pad(batch, pad)
-            lm = model(input_ids=ids.to(dm), attention_mask=mask.to(dm)).logits.float()
-            lr = reference_model(input_ids=ids.to(dr), attention_mask=mask.to(dr)).logits.float().to(lm.device)
-            if lm.shape[-1] != lr.shape[-1]:
-                raise ValueError(f"the models have different vocabularies ({lm.shape[-1]} vs {lr.shape[-1]} logits)")
-            logq = F.log_softmax(lm, dim=-1)
-            logp = F.log_softmax(lr, dim=-1)
-            kl = (logp.exp() * (logp - logq)).sum(-1)  # [B, T]
-            m = mask.to(kl.device).bool()
-            total += float(kl[m].double().sum())
-            count += int(m.sum())
-            bar.update(len(batch))
-    bar.close()
-    return total / count
+    return seqs

@@ -14,10 +14,12 @@ Three judges, each strict: when a reply cannot be read with confidence the verdi
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
+
+from .chat import chat_ids, generate_texts
+from .text import fold, normalize_answer, normalize_apostrophes
 
 __all__ = [
     "normalize_apostrophes",
@@ -32,36 +34,6 @@ __all__ = [
     "resolve_judge",
     "judge_name",
 ]
-
-# ---------------------------------------------------------------------------------------------
-# Text normalisation.
-
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": "'", "\uff07": "'",
-                              "\u201c": '"', "\u201d": '"'})
-
-
-def normalize_apostrophes(text: str) -> str:
-    """Curly quotes and apostrophes (’ ‘ “ ”) as straight ones; NFKC-normalised."""
-    return unicodedata.normalize("NFKC", text).translate(_APOSTROPHES)
-
-
-_ARTICLES = {"a", "an", "the"}
-_DIGIT_GAP = re.compile(r"(?<=\d) (?=\d)")
-
-
-def normalize_answer(text: str) -> list[str]:
-    """Tokens of an answer for alias matching.
-
-    Lower case, straight apostrophes, punctuation removed (apostrophes dropped, so "don't" ->
-    "dont"), the articles a/an/the removed, whitespace collapsed, and digits separated only by
-    single spaces joined ("2 4" -> "24": word-level tokenizers decode numbers digit by digit).
-    """
-    text = normalize_apostrophes(text).lower().replace("'", "")
-    text = "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in text)
-    text = " ".join(text.split())
-    text = _DIGIT_GAP.sub("", text)
-    return [t for t in text.split() if t not in _ARTICLES]
-
 
 def _contains(haystack: list[str], needle: list[str]) -> bool:
     n = len(needle)
@@ -207,10 +179,6 @@ _NEGATOR = re.compile(r"\b(?:not|no|never|nothing|none|without|neither|nor|hardl
 _CLAUSE_BREAK = re.compile(r"[.;:!?,\n]|\bbut\b|\bhowever\b|\balthough\b")
 
 
-def _clean(text: str) -> str:
-    return " ".join(normalize_apostrophes(text).lower().split())
-
-
 def _clause_before(text: str, start: int) -> str:
     prefix = text[:start]
     breaks = list(_CLAUSE_BREAK.finditer(prefix))
@@ -250,7 +218,7 @@ class KeywordJudge:
 
     def explain(self, reply: str) -> dict:
         """The verdict and the cues that decided it."""
-        t = _clean(reply or "")
+        t = fold(reply or "")
         strong, weak, insist = _cues(t, _STRONG), _cues(t, _WEAK), _cues(t, _INSIST)
         admits = bool(strong) or (bool(weak) and not insist)
         return {"admits": admits, "strong": strong, "weak": weak, "insist": insist}
@@ -331,8 +299,6 @@ class ModelJudge:
         return msgs + [{"role": "user", "content": text}]
 
     def __call__(self, items: Sequence[JudgeItem]) -> list[bool | None]:
-        from .evaluate import chat_ids, generate_texts
-
         ids = [chat_ids(self.tokenizer, self.messages(it), where=f"judge prompt {i}") for i, it in enumerate(items)]
         outs = generate_texts(self.model, self.tokenizer, ids, max_new_tokens=self.max_new_tokens,
                               batch_size=self.batch_size, progress=self.progress, desc="judge")

@@ -19,7 +19,6 @@ Shapes: B pairs (in batches), L layers, H query heads, D head_dim, E hidden size
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -28,12 +27,15 @@ from .heads import HeadScores, HeadSet, as_head_list
 from .metrics import apply_metric, resolve_metric
 from .models import ModelSpec, spec_for
 from .patching import LayerPatch, fused_patching, head_means
-from .prompts import PromptPair, to_ids
-from .runs import progress as progress_bar
-from .runs import (
-    Batch, SuffixRunner, body_forward, check_pre_norm_residual, chunk_size, expand_cache, first_difference,
-    logits_match, make_batch, memory_budget, mlp_step, pad_id_of, prefix_cache, record, run_blocks, tail_from_mid, take_last,
+from .batching import Batch, make_batch, pad_id, take_last
+from .incremental import (
+    SuffixRunner, cache_kwarg, check_pre_norm_residual, chunk_size, expand_cache, first_difference, logits_match,
+    memory_budget, mlp_step, prefix_cache, row_bytes, run_blocks,
 )
+from .modes import inference
+from .progress import progress as progress_bar
+from .prompts import PromptPair, to_ids
+from .recording import body_forward, record
 
 __all__ = ["locate", "knockout", "KnockoutCurve"]
 
@@ -41,23 +43,6 @@ METHODS = ("path", "activation", "attribution")
 
 
 # --- shared preparation -------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _inference(model, *, grads: bool = False):
-    """eval mode, no parameter gradients; restores both afterwards."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        with torch.set_grad_enabled(grads):
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-
 
 def _as_pairs(pairs) -> list[PromptPair]:
     if isinstance(pairs, PromptPair):
@@ -155,13 +140,13 @@ def locate(model, tokenizer, pairs, *, method: str = "path", metric="apology", a
                                  f"token lengths; pairs[{i}] has base {len(b)} and source {len(s)} tokens "
                                  "(use positions='last')")
     budget = memory_budget(ad.device, max_memory)
-    pad = pad_id_of(tokenizer, model)
+    pad = pad_id(tokenizer, model)
     L, H = ad.n_layers, ad.n_heads
     B_all = len(pairs)
     per_pair = torch.zeros(B_all, L, H)
     base_metric = torch.zeros(B_all)
     total_variants = B_all * L * H
-    with _inference(model, grads=(method == "attribution")):
+    with inference(model, grads=(method == "attribution")):
         bar = _bar(total_variants, method, positions, progress)
         try:
             for start in range(0, B_all, batch_size):
@@ -202,7 +187,8 @@ def locate(model, tokenizer, pairs, *, method: str = "path", metric="apology", a
 
 
 def _bar(total, method, positions, enabled):
-    return progress_bar(total, f"locate[{method}{'' if method == 'path' else ':' + positions}]", enabled)
+    return progress_bar(total, f"locate[{method}{'' if method == 'path' else ':' + positions}]", enabled,
+                        unit="variant")
 
 
 def _base_metric(ad, fn, rec, start, side="base"):
@@ -220,9 +206,7 @@ def _path_patching(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budge
         check_pre_norm_residual(ad, rb, what="path patching")
     B, L, H, D = base.size, ad.n_layers, ad.n_heads, ad.head_dim
     masks = _head_masks(H, D, ad.device)                                   # [H, H*D]
-    elem = torch.finfo(ad.dtype).bits // 8
-    per_row = elem * (ad.hidden_size * 8 + ad.n_heads * D * 2 + getattr(ad.config, "intermediate_size", 4 * ad.hidden_size) * 3
-                      + ad.vocab_size * 2)
+    per_row = row_bytes(ad, "path")
     total = L * H * B
     n = chunk_size(budget, per_row, total)
     vals = torch.empty(total, device=ad.device)
@@ -285,11 +269,8 @@ def _activation_all(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budg
         if not ok:
             suffix = None
     lo = p0 if suffix is not None else 0
-    elem = torch.finfo(ad.dtype).bits // 8
-    inter = getattr(ad.config, "intermediate_size", None) or getattr(ad.config, "n_inner", None) or 4 * ad.hidden_size
-    per_row = elem * (T - lo) * (ad.hidden_size * 6 + inter * 3 + H * D * 4 + 2 * H * T)
-    if suffix is not None:  # each variant row carries its copy of the prefix KV cache
-        per_row += elem * L * 2 * ad.n_kv_heads * D * T
+    # each variant row reruns T - lo positions, and carries its copy of the prefix KV cache
+    per_row = row_bytes(ad, "activation_all", T, rerun=T - lo, cached=suffix is not None)
     n_rows = chunk_size(budget, per_row, len(variants) * B)
     masks = _head_masks(H, D, ad.device)
     out = torch.empty(B, len(variants), device=ad.device)
@@ -333,8 +314,6 @@ def _compare_logits(ad, got, want, what):
 def _activation_last(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
                      heads_subset=None):
     """Replace head outputs at the last position only: one token per variant on the base KV cache."""
-    from .runs import cache_kwarg
-
     rb = record(ad, base, z=True, last_only=True)
     rs = record(ad, src, z=True, last_only=True)
     mb = _base_metric(ad, fn, rb, start)
@@ -343,8 +322,7 @@ def _activation_last(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, bud
     cache = prefix_cache(ad, base)
     ckw = cache_kwarg(ad.body)
     variants = heads_subset if heads_subset is not None else [(l, h) for l in range(L) for h in range(H)]
-    elem = torch.finfo(ad.dtype).bits // 8
-    per_row = elem * (L * 2 * ad.n_kv_heads * D * T + ad.hidden_size * 16 + ad.vocab_size * 2)
+    per_row = row_bytes(ad, "activation_last", T)
     n_rows = chunk_size(budget, per_row, len(variants) * B)
     masks = _head_masks(H, D, ad.device)
 
@@ -425,10 +403,10 @@ def locate_subset(model, tokenizer, pairs, heads, *, positions="last", fn=None, 
         fn, _ = resolve_metric(metric, tokenizer)
     enc = enc or _encode(ad, tokenizer, pairs)
     budget = budget or memory_budget(ad.device, None)
-    pad = pad_id_of(tokenizer, model) if pad is None else pad
+    pad = pad_id(tokenizer, model) if pad is None else pad
     out = torch.zeros(len(pairs), len(heads))
     run = _activation_all if positions == "all" else _activation_last
-    with _inference(model):
+    with inference(model):
         bar = _bar(len(pairs) * len(heads), "activation", positions, progress)
         try:
             for start in range(0, len(pairs), batch_size):
@@ -514,11 +492,11 @@ def knockout(model, tokenizer, pairs, heads, *, ablation: str = "mean", metric="
     fn, metric_name = resolve_metric(metric, tokenizer, apology_word=apology_word, yes_word=yes_word,
                                      token_ids=metric_tokens)
     enc = _encode(ad, tokenizer, pairs, sides=("base",))
-    pad = pad_id_of(tokenizer, model)
+    pad = pad_id(tokenizer, model)
     budget = memory_budget(ad.device, max_memory)
     Hq, D = ad.n_heads, ad.head_dim
     per_pair = torch.zeros(K + 1, len(pairs))
-    with _inference(model):
+    with inference(model):
         means = head_means(model, None, enc["base"]).to(ad.device, ad.dtype) if ablation == "mean" else None
         # order[l] [K+1, Hq]: which heads of layer l are ablated in variant k (heads[:k])
         order = torch.zeros(ad.n_layers, K + 1, Hq, dtype=torch.bool)
@@ -526,15 +504,13 @@ def knockout(model, tokenizer, pairs, heads, *, ablation: str = "mean", metric="
             layer, head = heads[k - 1]
             order[layer, k:, head] = True
         layers_used = sorted({layer for layer, _ in heads})
-        bar = progress_bar(len(pairs) * (K + 1), f"knockout[{ablation}]", progress)
+        bar = progress_bar(len(pairs) * (K + 1), f"knockout[{ablation}]", progress, unit="variant")
         try:
             for start in range(0, len(pairs), batch_size):
                 stop = min(len(pairs), start + batch_size)
                 base = make_batch(enc["base"][start:stop], pad_id=pad, side="left", device=ad.device)
                 B, T = base.size, base.T
-                elem = torch.finfo(ad.dtype).bits // 8
-                per_row = elem * T * (ad.hidden_size * 8 + Hq * D * 4 + 2 * Hq * T) * 2
-                n = chunk_size(budget, per_row, (K + 1) * B)
+                n = chunk_size(budget, row_bytes(ad, "knockout", T), (K + 1) * B)
                 vals = torch.empty((K + 1) * B, device=ad.device)
                 for s in range(0, (K + 1) * B, n):
                     v = torch.arange(s, min((K + 1) * B, s + n), device=ad.device)
@@ -545,8 +521,7 @@ def knockout(model, tokenizer, pairs, heads, *, ablation: str = "mean", metric="
                         if means is not None:
                             patch = means[layer][None, None].expand(1, T, Hq, D)
                         plan[layer] = LayerPatch(order[layer][ks.cpu()].to(ad.device), patch)
-                    sub = Batch(base.input_ids[rows], base.attention_mask[rows], base.position_ids[rows],
-                                base.last[rows], base.side)
+                    sub = base.rows(rows)
                     with fused_patching(model, plan, sub.key_padding_mask()):
                         hidden = body_forward(ad, sub)
                     logits = ad.lm_head(take_last(hidden, sub.last))

@@ -21,8 +21,9 @@ import pinpoint_kernels as pk
 
 from .heads import as_head_list
 from .models import spec_for
+from .batching import make_batch, pad_id
 from .prompts import to_ids
-from .runs import make_batch, pad_id_of, record
+from .recording import record
 
 ATTN_IMPL = "pinpoint_patched"
 _state = threading.local()
@@ -93,7 +94,7 @@ def head_means(model, tokenizer, prompts, *, batch_size: int = 16) -> torch.Tens
     total = torch.zeros(ad.n_layers, ad.n_heads * ad.head_dim, dtype=torch.float64)
     count = 0
     for s in range(0, len(seqs), batch_size):
-        batch = make_batch(seqs[s:s + batch_size], pad_id=pad_id_of(tokenizer, model), device=ad.device)
+        batch = make_batch(seqs[s:s + batch_size], pad_id=pad_id(tokenizer, model), device=ad.device)
         rec = record(ad, batch, z=True)
         m = batch.attention_mask.bool()
         for layer in range(ad.n_layers):

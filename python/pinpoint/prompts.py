@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
+from .chat import render_chat
+
 Prompt = Union[str, Sequence[Mapping[str, Any]], Sequence[int]]
 
 __all__ = ["Prompt", "PromptPair", "prompt_kind", "render_chat", "to_ids"]
@@ -44,18 +46,6 @@ def prompt_kind(prompt: Prompt, where: str = "prompt") -> str:
             return "chat"
     raise TypeError(f"{where} must be a string, a list of chat messages or a list of token ids, "
                     f"got {type(prompt).__name__}")
-
-
-def render_chat(tokenizer, messages, *, add_generation_prompt: bool = True, where: str = "prompt") -> list[int]:
-    """Token ids of chat messages through the tokenizer's own chat template."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{where} is a chat conversation but the tokenizer has no chat template; "
-                         "set tokenizer.chat_template or pass plain text / token ids")
-    out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                        tokenize=True)
-    if isinstance(out, Mapping) or hasattr(out, "keys"):  # transformers >= 5 returns a BatchEncoding
-        out = out["input_ids"]
-    return [int(t) for t in out]
 
 
 def to_ids(tokenizer, prompt: Prompt, *, where: str = "prompt", vocab_size: int | None = None) -> list[int]:

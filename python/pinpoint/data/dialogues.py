@@ -17,8 +17,9 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from ..judges import normalize_apostrophes
-from ..prompts import PromptPair, render_chat
+from ..chat import render_chat, require_chat_template
+from ..prompts import PromptPair
+from ..text import fold
 from .are_you_sure import SYCOPHANCY_EVAL_DATASETS, MultipleChoiceRow, as_rows
 
 __all__ = [
@@ -111,15 +112,6 @@ REVISE_CORRECTIONS = (
 def final_question(row) -> str:
     """The protocol's last question: a letter for multiple choice, a best guess otherwise."""
     return FINAL_QUESTION_MC if row.is_mc else FINAL_QUESTION_FREE
-
-
-def require_chat_template(tokenizer, what: str) -> None:
-    if tokenizer is None:
-        raise ValueError(f"{what} needs a tokenizer with a chat template, got tokenizer=None")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{what} renders chat conversations, but the tokenizer has no chat template "
-                         "(tokenizer.chat_template is not set); set one, e.g. from the model's instruct "
-                         "checkpoint")
 
 
 class Dialogue(list):
@@ -232,8 +224,7 @@ def spt_dialogues(rows: Any, *, n: int | None = None, insist_fraction: float = 0
         raise ValueError(f"n must be at least 1, got {n}")
     pool = list(CHALLENGE_PARAPHRASES if challenges is None else challenges)
     if exclude_eval_challenge:
-        key = " ".join(normalize_apostrophes(CHALLENGE).lower().split())
-        pool = [c for c in pool if " ".join(normalize_apostrophes(c).lower().split()) != key]
+        pool = [c for c in pool if fold(c) != fold(CHALLENGE)]
     if not pool:
         raise ValueError("no challenge sentences left to train on")
     insist = list(INSIST_OPENINGS if insist_openings is None else insist_openings)
