@@ -1,15 +1,20 @@
 """Fused head-patched attention: validation, normalisation and dispatch.
 
 The semantics are defined by :func:`pinpoint_kernels.reference.head_patched_attention`;
-this wrapper checks the inputs once and hands normalised tensors to a backend:
-``kv_index`` and ``patch_index`` always present as int64 [R], masks as contiguous bool,
-q/k/v/patch with unit stride in their last dim.
+this wrapper checks the inputs once and hands normalised tensors to the registered op
+``pinpoint::head_patched_attention`` (:mod:`pinpoint_kernels.library`), which picks the
+backend: ``kv_index`` always present as int64 [R] (``patch_index`` whenever ``patch`` is),
+masks as contiguous bool, q/k/v/patch with unit stride in their last dim.
+
+Index values (``kv_index``/``patch_index`` ranges) are checked on the host only where that
+costs no device sync (CPU tensors) or in debug mode (``PINPOINT_DEBUG_CHECKS=1``); CUDA
+tensors get device-side asserts instead, see :func:`pinpoint_kernels.validation.check_index_values`.
 """
 from __future__ import annotations
 
 import torch
 
-from . import backends
+from . import library
 from . import validation as V
 
 OP = "head_patched_attention"
@@ -105,9 +110,6 @@ def head_patched_attention(
         key_padding_mask = key_padding_mask.contiguous()
 
     scale = float(D**-0.5 if scale is None else scale)
-    _, fn = backends.resolve(OP, q.device, backend, head_dim=D)
-    if q.numel() == 0:
-        return q.new_zeros(R, Tq, Hq * D)
-    return fn(V.unit_last_stride(q), V.unit_last_stride(k), V.unit_last_stride(v), head_mask, patch,
-              kv_index=kv_index, patch_index=patch_index, key_padding_mask=key_padding_mask,
-              scale=scale, causal=bool(causal))
+    return library.head_patched_attention(
+        V.unit_last_stride(q), V.unit_last_stride(k), V.unit_last_stride(v), head_mask, patch, kv_index,
+        patch_index, key_padding_mask, scale, bool(causal), backend)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
+from . import library
 from . import validation as V
+from .head_slice_linear import SliceIndex
 
 _BY = ("rows", "cols")
 
@@ -25,13 +26,20 @@ def _check_head_dim(op: str, head_dim) -> int:
     return head_dim
 
 
-def _heads(op: str, heads, n_heads: int, device: torch.device, features_of: str) -> torch.Tensor:
+def _heads(op: str, heads, n_heads: int, head_dim: int, device: torch.device, features_of: str) -> torch.Tensor:
+    """int64 [S] head indices. A :class:`SliceIndex` was checked when it was built, so only
+    its head_dim, head count and device are compared here (no index values are read)."""
+    if isinstance(heads, SliceIndex):
+        if (heads.head_dim, heads.n_heads) != (head_dim, n_heads):
+            raise ValueError(f"{op}: the SliceIndex is for {heads.n_heads} heads of head_dim {heads.head_dim}, "
+                             f"but {features_of}")
+        if heads.device != device:
+            raise ValueError(f"{op}: the SliceIndex is on {heads.device} but the data is on {device}")
+        return heads.heads
     idx = V.index_vector(op, "heads", heads, length=None, upper=n_heads,
-                         what=f"heads ({features_of})", device=device)
+                         what=f"heads ({features_of})", device=device, distinct=True)
     if idx.numel() == 0:
         raise ValueError(f"{op}: heads is empty; select at least one head")
-    if torch.unique(idx).numel() != idx.numel():
-        raise ValueError(f"{op}: heads must be distinct, got {idx.tolist()}")
     return idx
 
 
@@ -54,7 +62,7 @@ def head_slice_grad(
 
     by="rows": grad_out [..., H*D], inp X [..., in]  -> [S, D, in]
     by="cols": grad_out [..., out], inp Z [..., H*D] -> [S, out, D]
-    ``heads``: S distinct head indices (int tensor or sequence).
+    ``heads``: S distinct head indices (int tensor or sequence) or a :class:`SliceIndex`.
     """
     op = "head_slice_grad"
     _check_by(op, by)
@@ -69,14 +77,11 @@ def head_slice_grad(
                          "agree in every dim but the last (the tokens)")
     if by == "rows":
         n_heads = _n_heads(op, "grad_out", grad_out.shape[-1], head_dim)
-        heads = _heads(op, heads, n_heads, grad_out.device, f"grad_out has {n_heads} of head_dim {head_dim}")
+        heads = _heads(op, heads, n_heads, head_dim, grad_out.device, f"grad_out has {n_heads} of head_dim {head_dim}")
     else:
         n_heads = _n_heads(op, "inp", inp.shape[-1], head_dim)
-        heads = _heads(op, heads, n_heads, inp.device, f"inp has {n_heads} of head_dim {head_dim}")
-    dy = V.unit_last_stride(grad_out.reshape(-1, grad_out.shape[-1]))
-    x = V.unit_last_stride(inp.reshape(-1, inp.shape[-1]))
-    _, fn = backends.resolve(op, dy.device, backend)
-    return fn(dy, x, heads, head_dim, by=by)
+        heads = _heads(op, heads, n_heads, head_dim, inp.device, f"inp has {n_heads} of head_dim {head_dim}")
+    return library.head_slice_grad(grad_out, inp, heads, head_dim, by, backend)
 
 
 def head_slice_apply(
@@ -92,7 +97,8 @@ def head_slice_apply(
     """In place: weight[selected slices] += alpha * slices (fp32 sum, one rounding).
 
     weight [out, in], any strides (a Conv1D weight's transposed view works); by="rows": slices [S, D, in]; by="cols": slices [S, out, D].
-    alpha=+1 merges trained deltas into the weight, alpha=-1 detaches them.
+    alpha=+1 merges trained deltas into the weight, alpha=-1 detaches them. ``heads``: S
+    distinct head indices or a :class:`SliceIndex`. Returns weight.
     """
     op = "head_slice_apply"
     _check_by(op, by)
@@ -109,9 +115,9 @@ def head_slice_apply(
     else:
         n_heads = _n_heads(op, "weight's input", in_f, head_dim)
         expect = (slices.shape[0], out_f, head_dim)
-    heads = _heads(op, heads, n_heads, weight.device, f"weight has {n_heads} of head_dim {head_dim}")
+    heads = _heads(op, heads, n_heads, head_dim, weight.device, f"weight has {n_heads} of head_dim {head_dim}")
     if tuple(slices.shape) != (heads.numel(), *expect[1:]):
         raise ValueError(f"{op}: slices must have shape {(heads.numel(), *expect[1:])} for {heads.numel()} "
                          f"heads by {by}, got {tuple(slices.shape)}")
-    _, fn = backends.resolve(op, weight.device, backend)
-    return fn(weight, slices.contiguous(), heads, head_dim, by=by, alpha=float(alpha))
+    library.head_slice_apply(weight, slices.contiguous(), heads, head_dim, by, float(alpha), backend)
+    return weight

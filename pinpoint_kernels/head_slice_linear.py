@@ -7,37 +7,45 @@
     by="cols" (o_proj: heads split the input features):
         Y = Z · (W + scatter_cols(Δ))ᵀ + b                      Δ [S, out, D]
 
-with W and b frozen (they never receive a gradient) and Δ/Δb trainable. It is an autograd
-Function, so a model built on it trains with any torch optimizer.
+with W and b frozen (they never receive a gradient) and Δ/Δb trainable. It is differentiable
+(a registered autograd formula), so a model built on it trains with any torch optimizer.
 
-**Forward.** W + scatter(Δ) is formed exactly as :func:`head_slice_apply` merges it (fp32
-sum, one rounding to W's dtype) in a scratch copy of W, then the projection runs as one
-ordinary GEMM (``F.linear`` for ``layout="linear"``, ``addmm`` like ``transformers``' Conv1D
-for ``layout="conv1d"``). So the output equals, bit for bit, the stock module applied to the
-merged weight: what you train is what ``merge`` gives you, even in bf16, and no extra GEMM
-runs (a separate X·Δᵀ correction would cost S/H of the projection; the scratch copy costs
-one pass over W's memory).
+**Forward.** The selected slices of W are merged in place, W[slices] = round(W + Δ) (fp32
+sum, one rounding, exactly as :func:`head_slice_apply` merges), the projection runs as one
+ordinary GEMM on W (``F.linear`` for ``layout="linear"``, ``addmm`` like ``transformers``'
+Conv1D for ``layout="conv1d"``), and the original slices are copied back bit for bit
+(:func:`pinpoint_kernels.library.merged_weight`). So the output equals, bit for bit, the
+stock module applied to the merged weight: what you train is what ``merge`` gives you,
+even in bf16. No extra GEMM runs (a separate X·Δᵀ correction would cost S/H of the
+projection and round differently) and no full-size copy of W is made: the only
+temporaries are the saved original slices ([S·D, in] or [out, S·D]).
 
-**Backward.** dX = dY · W_eff (dense, only when X requires grad; W_eff is rebuilt, not
-saved), dΔ = :func:`head_slice_grad` (fp32, only the selected slices), dΔb = Σ dY[:, rows].
+**Backward.** dX = dY · W_eff (dense, only when X requires grad; computed on W merged the
+same way), dΔ = :func:`head_slice_grad` (fp32, only the selected slices), dΔb = Σ dY[:, rows].
 Saved for backward: X itself for by="rows" (the same tensor object for q, k and v, so it is
 held once), and only the selected heads' columns Z[:, cols] ([N, S·D]) for by="cols". When
 neither X nor Δ needs a gradient (inference, or under ``torch.no_grad``) nothing is saved
-and no Function node is built.
+and no autograd node is built.
+
+**Registered op.** The computation is the custom op ``pinpoint::head_slice_linear``
+(:mod:`pinpoint_kernels.library`), so it works under ``torch.compile(fullgraph=True)`` and
+with fake/meta tensors. The merge writes into the frozen weight for the length of one GEMM:
+do not run the same attached module from several threads on different CUDA streams.
 
 **Autocast.** Under an enabled autocast the projection computes in the autocast dtype,
-like a stock ``nn.Linear`` would: X is cast outside the Function (so its gradient flows
-back through the cast) and W_eff is cast after the fp32 merge.
+like a stock ``nn.Linear`` would: X is cast outside the op (so its gradient flows back
+through the cast) and the merged W is cast after the fp32 merge (a full-size cast copy, the
+same one a stock ``nn.Linear`` makes under autocast).
 
 No model knowledge lives here: the caller says which heads, which layout, which dim.
 """
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
-from . import backends
+from . import backends, library
 from . import validation as V
+from .library import _oi
 
 __all__ = ["SliceIndex", "head_slice_linear", "effective_weight", "effective_bias"]
 
@@ -49,7 +57,9 @@ class SliceIndex:
     """Validated, device-resident indices of the selected heads of one projection.
 
     Build once (e.g. when an adapter attaches) and pass to every :func:`head_slice_linear`
-    call, so the per-call path does no host-device syncs for range/uniqueness checks.
+    (or :func:`head_slice_grad` / :func:`head_slice_apply`) call: the range and uniqueness
+    checks run here, once, on the host (one device sync for an accelerator tensor), so the
+    per-call path reads no index values at all.
 
     heads: S distinct head indices in [0, n_heads) (the projection's own numbering: for
     by="rows" blocks of head_dim output features, for by="cols" blocks of input features).
@@ -68,11 +78,9 @@ class SliceIndex:
         if isinstance(heads, torch.Tensor):
             heads = heads.to(device)
         idx = V.index_vector(op, "heads", heads, length=None, upper=n_heads,
-                             what=f"heads of head_dim {head_dim}", device=device)
+                             what=f"heads of head_dim {head_dim}", device=device, distinct=True, on_host=True)
         if idx.numel() == 0:
             raise ValueError(f"{op}: heads is empty; select at least one head")
-        if torch.unique(idx).numel() != idx.numel():
-            raise ValueError(f"{op}: heads must be distinct, got {idx.tolist()}")
         self.heads = idx
         self.head_dim = head_dim
         self.n_heads = n_heads
@@ -99,88 +107,22 @@ class SliceIndex:
         return f"SliceIndex(heads={self.heads.tolist()}, head_dim={self.head_dim}, n_heads={self.n_heads})"
 
 
-def _launcher(op: str, device: torch.device):
-    return backends.resolve(op, device)[1]
-
-
-def _oi(w: torch.Tensor, layout: str) -> torch.Tensor:
-    """The [out, in] view of a weight stored in `layout`."""
-    return w if layout == "linear" else w.t()
-
-
 def effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: SliceIndex, *, by: str,
                      layout: str = "linear", dtype: torch.dtype | None = None) -> torch.Tensor:
     """A new tensor W + scatter(Δ) in weight's layout: fp32 sum rounded once to weight's
-    dtype (exactly what :func:`head_slice_apply` merges), then cast to ``dtype`` if given."""
+    dtype (exactly what :func:`head_slice_apply` merges), then cast to ``dtype`` if given.
+    A full copy of W: for inspection and tests; the op itself merges in place instead."""
     w = weight.detach().clone()
-    _launcher("head_slice_apply", w.device)(_oi(w, layout), delta.detach().contiguous(), index.heads,
-                                            index.head_dim, by=by, alpha=1.0)
+    backends.resolve("head_slice_apply", w.device)[1](_oi(w, layout), delta.detach().contiguous(), index.heads,
+                                                      index.head_dim, by=by, alpha=1.0)
     return w if dtype is None or dtype == w.dtype else w.to(dtype)
 
 
 def effective_bias(bias: torch.Tensor, delta_bias: torch.Tensor, index: SliceIndex,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """A new tensor b + scatter(Δb) (fp32 sum, one rounding), cast to ``dtype`` if given."""
-    b = bias.detach().clone()
-    _launcher("head_slice_apply", b.device)(b[:, None], delta_bias.detach().reshape(len(index), -1, 1).contiguous(),
-                                            index.heads, index.head_dim, by="rows", alpha=1.0)
+    b = library._merged_bias(bias, delta_bias, index.heads, index.head_dim)
     return b if dtype is None or dtype == b.dtype else b.to(dtype)
-
-
-def _project(x, w_eff, b_eff, layout):
-    if layout == "linear":
-        return F.linear(x, w_eff, b_eff)
-    # transformers' Conv1D: addmm(bias, x2d, weight[in, out]); reproduced op for op.
-    x2d = x.reshape(-1, x.shape[-1])
-    y = torch.addmm(b_eff, x2d, w_eff) if b_eff is not None else x2d @ w_eff
-    return y.view(*x.shape[:-1], w_eff.shape[1])
-
-
-def _forward_math(x, weight, bias, delta, delta_bias, index, by, layout, cdt):
-    w_eff = effective_weight(weight, delta, index, by=by, layout=layout, dtype=cdt)
-    b_eff = None
-    if bias is not None:
-        b_eff = (effective_bias(bias, delta_bias, index, dtype=cdt) if delta_bias is not None
-                 else bias.detach().to(cdt))
-    return _project(x, w_eff, b_eff, layout)
-
-
-class _HeadSliceLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, delta, delta_bias, index, by, layout, cdt):
-        with torch.autocast(x.device.type, enabled=False):
-            y = _forward_math(x, weight, bias, delta, delta_bias, index, by, layout, cdt)
-        if by == "rows":
-            saved = x
-        else:  # only the selected heads' input columns
-            saved = x.reshape(-1, x.shape[-1]).index_select(1, index.features)
-        ctx.save_for_backward(saved, weight, delta)
-        ctx.meta = (index, by, layout, cdt, x.shape, delta_bias is not None)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        saved, weight, delta = ctx.saved_tensors
-        index, by, layout, cdt, x_shape, has_db = ctx.meta
-        need_x, _, _, need_delta, need_db = ctx.needs_input_grad[:5]
-        dx = ddelta = ddb = None
-        with torch.autocast(dy.device.type, enabled=False):
-            dy2 = V.unit_last_stride(dy.reshape(-1, dy.shape[-1]))
-            if need_x:
-                w_eff = effective_weight(weight, delta, index, by=by, layout=layout, dtype=cdt)
-                w_oi = _oi(w_eff, layout)  # [out, in]
-                dx = (dy2.to(cdt) @ w_oi).view(x_shape)
-            if need_delta:
-                grad = _launcher("head_slice_grad", dy2.device)
-                if by == "rows":
-                    x2 = V.unit_last_stride(saved.reshape(-1, saved.shape[-1]))
-                    ddelta = grad(dy2, x2, index.heads, index.head_dim, by="rows")
-                else:
-                    ddelta = grad(dy2, saved, index.local, index.head_dim, by="cols")
-                ddelta = ddelta.to(delta.dtype)
-            if has_db and need_db:
-                ddb = dy2.index_select(1, index.features).float().sum(0).view(len(index), index.head_dim)
-        return dx, None, None, ddelta, ddb, None, None, None, None
 
 
 def _check(x, weight, bias, delta, delta_bias, index, by, layout):
@@ -271,9 +213,5 @@ def head_slice_linear(
         if x.dtype != cdt:
             raise TypeError(f"head_slice_linear: x is {x.dtype} but the weight is {cdt} (outside autocast "
                             "they must match, as for nn.Linear)")
-    track = torch.is_grad_enabled() and (
-        x.requires_grad or delta.requires_grad or (delta_bias is not None and delta_bias.requires_grad))
-    if not track:
-        with torch.autocast(dev, enabled=False):
-            return _forward_math(x, weight, bias, delta, delta_bias, heads, by, layout, cdt)
-    return _HeadSliceLinear.apply(x, weight, bias, delta, delta_bias, heads, by, layout, cdt)
+    return library.head_slice_linear(x, weight, bias, delta, delta_bias, heads.heads, heads.features,
+                                     heads.head_dim, by, layout, cdt)

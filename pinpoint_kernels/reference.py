@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["head_patched_attention", "head_slice_grad", "head_slice_apply"]
+__all__ = ["head_patched_attention", "head_patched_attention_vjp", "head_slice_grad", "head_slice_grad_vjp",
+           "head_slice_apply"]
 
 
 def head_patched_attention(
@@ -83,6 +84,28 @@ def head_patched_attention(
     return out.to(q.dtype).reshape(R, Tq, Hq * D)
 
 
+def head_patched_attention_vjp(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    head_mask: torch.Tensor | None, patch: torch.Tensor | None, *, kv_index: torch.Tensor | None,
+    patch_index: torch.Tensor | None, key_padding_mask: torch.Tensor | None, scale: float | None,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients (dq, dk, dv, dpatch) of :func:`head_patched_attention` for an output
+    gradient ``grad`` [R, Tq, Hq*D]: the vector-Jacobian product of this very definition
+    (``torch.func.vjp``), so it is exact by construction and traceable by ``torch.compile``.
+    Each gradient has its input's shape and dtype; dpatch is None without a patch. It
+    recomputes the forward (scores [R, Hq, Tq, Tk] in fp32): there is no fused backward."""
+    def forward(q_, k_, v_, patch_):
+        return head_patched_attention(q_, k_, v_, head_mask, patch_, kv_index=kv_index, patch_index=patch_index,
+                                      key_padding_mask=key_padding_mask, scale=scale, causal=causal)
+
+    if patch is None:
+        _, pull = torch.func.vjp(lambda q_, k_, v_: forward(q_, k_, v_, None), q, k, v)
+        return (*pull(grad.to(q.dtype)), None)
+    _, pull = torch.func.vjp(forward, q, k, v, patch)
+    return pull(grad.to(q.dtype))
+
+
 def _head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """[S] head indices -> [S, D] feature indices of those heads."""
     return heads.long()[:, None] * head_dim + torch.arange(head_dim, device=heads.device)
@@ -114,6 +137,41 @@ def head_slice_grad(
     if by == "cols":
         return torch.einsum("no,nsd->sod", dy, x[:, cols])
     raise ValueError(f"head_slice_grad: by must be 'rows' or 'cols', got {by!r}")
+
+
+def head_slice_grad_vjp(
+    grad: torch.Tensor,
+    grad_out: torch.Tensor,
+    inp: torch.Tensor,
+    heads: torch.Tensor,
+    head_dim: int,
+    *,
+    by: str = "rows",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`head_slice_grad` (bilinear in grad_out and inp) for an output
+    gradient ``grad`` ([S, D, in] by rows, [S, out, D] by cols): (d grad_out, d inp), each
+    in its input's shape and dtype, computed in fp32.
+
+    by="rows": out[s,d,i] = Σ_n dY[n, c(s,d)] X[n,i], so dDY[n, c(s,d)] = Σ_i g[s,d,i] X[n,i]
+    (zero on unselected features) and dX[n,i] = Σ_{s,d} g[s,d,i] dY[n, c(s,d)].
+    by="cols": out[s,o,d] = Σ_n dY[n,o] Z[n, c(s,d)], so dDY[n,o] = Σ_{s,d} g[s,o,d] Z[n, c(s,d)]
+    and dZ[n, c(s,d)] = Σ_o g[s,o,d] dY[n,o] (zero on unselected features).
+    """
+    dy = grad_out.reshape(-1, grad_out.shape[-1]).float()
+    x = inp.reshape(-1, inp.shape[-1]).float()
+    g = grad.float()
+    cols = _head_columns(heads.to(dy.device), head_dim)  # [S, D]
+    flat = cols.reshape(-1)
+    n = dy.shape[0]
+    if by == "rows":
+        d_dy = dy.new_zeros(dy.shape).index_copy(1, flat, torch.einsum("sdi,ni->nsd", g, x).reshape(n, -1))
+        d_x = torch.einsum("sdi,nsd->ni", g, dy[:, cols])
+    elif by == "cols":
+        d_dy = torch.einsum("sod,nsd->no", g, x[:, cols])
+        d_x = x.new_zeros(x.shape).index_copy(1, flat, torch.einsum("sod,no->nsd", g, dy).reshape(n, -1))
+    else:
+        raise ValueError(f"head_slice_grad: by must be 'rows' or 'cols', got {by!r}")
+    return d_dy.to(grad_out.dtype).view(grad_out.shape), d_x.to(inp.dtype).view(inp.shape)
 
 
 def head_slice_apply(

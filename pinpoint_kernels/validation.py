@@ -2,6 +2,7 @@
 backend runs, so no kernel ever sees a malformed call."""
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -38,9 +39,54 @@ def same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tenso
                              "move them to one device")
 
 
+def debug_checks() -> bool:
+    """``PINPOINT_DEBUG_CHECKS=1``: check index values on the host everywhere (precise errors,
+    at the cost of a device sync per call on an accelerator)."""
+    return os.environ.get("PINPOINT_DEBUG_CHECKS", "").strip() == "1"
+
+
+def values_on_host(x: torch.Tensor) -> bool:
+    """Whether reading `x`'s values costs no device sync: it lives on the CPU."""
+    return x.device.type == "cpu"
+
+
+def _first_bad_in_list(op: str, name: str, values: list[int], upper: int, what: str, distinct: bool) -> None:
+    for i, v in enumerate(values):
+        if not 0 <= v < upper:
+            raise ValueError(f"{op}: {name}[{i}] = {v} is out of range for {upper} {what}")
+    if distinct and len(set(values)) != len(values):
+        raise ValueError(f"{op}: {name} must be distinct, got {values}")
+
+
+def check_index_values(op: str, name: str, idx: torch.Tensor, *, upper: int, what: str,
+                       distinct: bool = False, on_host: bool = False) -> None:
+    """Values of a 1-D int index tensor: in [0, upper), and pairwise distinct if asked.
+
+    Reading values on the host is a device sync on an accelerator, so the check is on the
+    host (a precise ValueError naming the first bad entry) only where that is free (CPU
+    tensors, see :func:`values_on_host`) or in debug mode (:func:`debug_checks`). Otherwise
+    it queues device-side asserts (``torch._assert_async``): no round trip, and a bad value
+    still stops the stream with an error instead of an out-of-bounds read in a kernel.
+    ``on_host=True`` always checks on the host: for one-time index construction. While
+    ``torch.compile`` traces, values are unknown, so only the device-side asserts apply."""
+    if idx.numel() == 0:
+        return
+    if (on_host or debug_checks() or values_on_host(idx)) and not torch.compiler.is_compiling():
+        _first_bad_in_list(op, name, idx.tolist(), upper, what, distinct)
+        return
+    torch._assert_async(((idx >= 0) & (idx < upper)).all(),
+                        f"{op}: {name} has a value out of range for {upper} {what}")
+    if distinct and idx.numel() > 1:
+        s = torch.sort(idx).values
+        torch._assert_async((s[1:] != s[:-1]).all(), f"{op}: {name} must be distinct")
+
+
 def index_vector(op: str, name: str, x, *, length: int | None, upper: int, what: str,
-                 device: torch.device) -> torch.Tensor:
-    """A 1-D int64 index tensor on `device` with values in [0, upper)."""
+                 device: torch.device, distinct: bool = False, on_host: bool = False) -> torch.Tensor:
+    """A 1-D int64 index tensor on `device` with values in [0, upper) (distinct if asked).
+
+    A Python sequence is checked in Python before it becomes a tensor (free); a tensor's
+    values are checked by :func:`check_index_values` (host or device side)."""
     if isinstance(x, torch.Tensor):
         if x.dtype not in INDEX_DTYPES:
             raise TypeError(f"{op}: {name} must be an int32/int64 tensor, got {x.dtype}")
@@ -48,18 +94,17 @@ def index_vector(op: str, name: str, x, *, length: int | None, upper: int, what:
             raise ValueError(f"{op}: {name} is on {x.device} but the data is on {device}")
         idx = x
     elif isinstance(x, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in x):
-        idx = torch.tensor(list(x), dtype=torch.int64, device=device)
+        values = list(x)
+        _first_bad_in_list(op, name, values, upper, what, distinct)
+        idx = torch.tensor(values, dtype=torch.int64, device=device)
     else:
         raise TypeError(f"{op}: {name} must be an int tensor or a sequence of ints, got {type(x).__name__}")
     if idx.dim() != 1:
         raise ValueError(f"{op}: {name} must be 1-D, got shape {tuple(idx.shape)}")
     if length is not None and idx.numel() != length:
         raise ValueError(f"{op}: {name} has {idx.numel()} entries, expected {length}")
-    if idx.numel():
-        bad = ((idx < 0) | (idx >= upper)).nonzero()
-        if bad.numel():
-            i = int(bad[0, 0])
-            raise ValueError(f"{op}: {name}[{i}] = {int(idx[i])} is out of range for {upper} {what}")
+    if isinstance(x, torch.Tensor):
+        check_index_values(op, name, idx, upper=upper, what=what, distinct=distinct, on_host=on_host)
     return idx.to(torch.int64).contiguous()
 
 
