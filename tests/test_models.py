@@ -322,18 +322,45 @@ def test_accepts_same_layout_relative():
 
 
 def test_sliding_window():
-    # Inactive window (longer than the context): accepted.
+    # Issue 13: a window is irrelevant to sequences that fit in it (Mistral-7B-v0.1's 4096 is no
+    # longer refused); a longer sequence is refused by ModelSpec.check_length, naming the window.
     assert adapter_for(tiny_model("mistral")).sliding_window == 4096
     model = tiny_model("mistral", sliding_window=16)
-    _raises(model, "sliding_window", "layer 0")
-    a = adapter_for(model, max_seq_len=16)
-    assert (a.sliding_window, a.max_seq_len) == (16, 16)
-    _raises(model, "sliding_window", max_seq_len=17)
+    a = adapter_for(model)
+    assert (a.sliding_window, a.window_layer, a.max_seq_len) == (16, 0, 16)
+    a.check_length(16)
+    with pytest.raises(ValueError, match=r"pairs\[0\].base is 17 tokens, longer than the sliding window of 16 "
+                                         r"tokens that layer 0 attends through \(config.sliding_window\)"):
+        a.check_length(17, "pairs[0].base")
+    a = adapter_for(model, max_seq_len=8)
+    assert (a.sliding_window, a.max_seq_len) == (16, 8)
+    with pytest.raises(ValueError, match="longer than the model's context of 8 tokens"):
+        a.check_length(9)
 
     model = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
-    _raises(model, "sliding_window", "layer 1")
+    a = adapter_for(model)
+    assert (a.sliding_window, a.window_layer, a.max_seq_len) == (8, 1, 8)
+    with pytest.raises(ValueError, match="sliding window of 8 tokens that layer 1"):
+        a.check_length(9)
     # Llama ignores config.sliding_window entirely.
     assert adapter_for(tiny_model("llama", sliding_window=8)).sliding_window is None
+
+
+def test_sliding_window_is_exact_within_it_and_refused_beyond(tokenizer):
+    """Mistral with a window of 16: locate on prompts that fit equals the same model without a
+    window; a prompt longer than the window gets a one-line error naming both numbers."""
+    import pinpoint as pp
+
+    windowed = tiny_model("mistral", sliding_window=16, attn_implementation="sdpa")
+    plain = tiny_model("mistral", sliding_window=None, attn_implementation="sdpa")
+    pairs = [pp.PromptPair(list(range(7, 21)), list(range(8, 22)))]
+    fn = lambda logits: logits[:, 11].float() - logits[:, 17].float()  # noqa: E731
+    got = pp.locate(windowed, None, pairs, metric=fn, progress=False).values
+    want = pp.locate(plain, None, pairs, metric=fn, progress=False).values
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    long = [pp.PromptPair(list(range(7, 27)), list(range(8, 28)))]
+    with pytest.raises(ValueError, match="20 tokens, longer than the (sliding window of 16|model's context of 16)"):
+        pp.locate(windowed, None, long, metric=fn, progress=False)
 
 
 def test_rejects_gpt2_cross_attention():
@@ -364,3 +391,9 @@ def test_rejects_known_incompatible_model_type():
         num_key_value_heads=1, head_dim=8,
     )
     _raises(tf.GemmaForCausalLM(cfg), "gemma")
+
+
+def test_rejects_an_unknown_attention_implementation():
+    model = tiny_model("llama")
+    model.config._attn_implementation = "my_sparse_attention"
+    _raises(model, "attention implementation 'my_sparse_attention'", "attn_implementation='sdpa'")

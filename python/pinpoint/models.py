@@ -126,9 +126,10 @@ class ModelSpec:
     ``family`` ("llama" | "gpt2": the module layout), ``model``, ``config``, ``n_layers``,
     ``n_heads`` (query heads), ``n_kv_heads``, ``group_size`` (= n_heads // n_kv_heads),
     ``head_dim``, ``hidden_size``, ``vocab_size``, ``attn_scale`` (softmax scale),
-    ``max_positions``, ``max_seq_len`` (longest sequence on which attention is plain causal;
-    ``max_positions`` unless a shorter limit was given), ``sliding_window`` (configured window
-    or None; never shorter than ``max_seq_len``), ``has_qkv_bias``, ``layers``
+    ``max_positions``, ``max_seq_len`` (longest sequence pinpoint computes exactly: the smallest
+    of ``max_positions``, a limit given to ``spec_for`` and the smallest sliding window; see
+    ``check_length``), ``sliding_window`` (smallest configured window or None) and
+    ``window_layer`` (a layer that uses it), ``has_qkv_bias``, ``layers``
     (``list[LayerSpec]``), ``decoder`` (the layers' ``nn.ModuleList``), ``body`` (the base
     model: ``model.model`` / ``model.transformer``), ``embed``, ``final_norm``, ``lm_head``,
     ``positions`` ("rope" | "learned"), ``rotary_emb`` (rope module or None), ``pos_embed``
@@ -150,6 +151,7 @@ class ModelSpec:
     max_positions: int
     max_seq_len: int
     sliding_window: int | None
+    window_layer: int | None
     has_qkv_bias: bool
     layers: list[LayerSpec]
     decoder: nn.ModuleList
@@ -164,6 +166,20 @@ class ModelSpec:
     def __init__(self, **fields: Any) -> None:
         for name, value in fields.items():
             setattr(self, name, value)
+
+    def check_length(self, n_tokens: int, where: str = "the prompt") -> None:
+        """Raise ValueError when a sequence of ``n_tokens`` is longer than pinpoint can compute
+        exactly: longer than the smallest sliding window (naming it), or than the context."""
+        if n_tokens <= self.max_seq_len:
+            return
+        if self.sliding_window is not None and self.max_seq_len == self.sliding_window:
+            raise ValueError(
+                f"{where} is {n_tokens} tokens, longer than the sliding window of {self.sliding_window} tokens that "
+                f"layer {self.window_layer} attends through (config.sliding_window); pinpoint's fused kernels "
+                f"compute full causal attention and cannot honour the window, so keep prompts to at most "
+                f"{self.sliding_window} tokens")
+        raise ValueError(f"{where} is {n_tokens} tokens, longer than the model's context of {self.max_seq_len} "
+                         "tokens")
 
     def head_slice(self, h: int) -> slice:
         """Features of query head ``h`` in the q output and in the o input (``[n_heads*head_dim]``)."""
@@ -227,7 +243,9 @@ class ModelSpec:
 # model_type -> why it differs from the plain pre-norm transformer even with a matching layout.
 _INCOMPATIBLE_MODEL_TYPES = {
     "gemma": "scales embeddings by sqrt(hidden_size) inside the model's forward",
-    "gemma2": "uses attention logit soft-capping, extra norms and sliding windows",
+    "gemma2": ("soft-caps attention logits (config.attn_logit_softcapping), which pinpoint's fused knockout kernel "
+               "does not implement, soft-caps the output logits, and adds norms after attention and after the MLP "
+               "that path patching's incremental tail does not model"),
     "gemma3": "uses extra norms, q/k norms and sliding windows",
     "gemma3_text": "uses extra norms, q/k norms and sliding windows",
     "granite": "scales residuals, embeddings and logits by config multipliers",
@@ -237,7 +255,18 @@ _INCOMPATIBLE_MODEL_TYPES = {
     "cohere2": "runs attention and MLP in parallel from one norm",
     "minicpm": "scales residuals by scale_depth",
     "llama4": "uses chunked attention, temperature tuning and MoE layers",
+    "olmo2": ("normalises queries and keys across all heads together (q_norm over n_heads*head_dim), so one head's "
+              "q/k rows are not separable, and normalises after attention and after the MLP (post-norm blocks)"),
+    "olmo3": "normalises queries and keys across all heads together and uses post-norm blocks",
+    "phi3": "fuses q, k and v into one qkv_proj matrix, which pinpoint's head slices do not address yet",
+    "phimoe": "fuses q, k and v into one qkv_proj matrix and routes MLPs through experts",
+    "phi": "runs attention and MLP in parallel from one norm and rotates only part of each head",
 }
+
+# Attention implementations whose math is plain scaled-dot-product attention (pinpoint's own
+# fused kernel included). A custom registered function could compute anything: refuse it.
+_KNOWN_ATTENTION = {None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention",
+                    "pinpoint_patched"}
 
 
 def _differs(default: Any) -> Callable[[Any], bool]:
@@ -275,6 +304,11 @@ def _check_config(model: nn.Module, config: Any) -> None:
         raise _fail(model, f"model_type {model_type!r} is not supported: it {_INCOMPATIBLE_MODEL_TYPES[model_type]}")
     if getattr(config, "is_encoder_decoder", False):
         raise _fail(model, "config.is_encoder_decoder is set; only decoder-only causal LMs are supported")
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in _KNOWN_ATTENTION:
+        raise _fail(model, f"attention implementation {impl!r} is not one pinpoint has checked (it may compute "
+                           "something other than plain causal attention); load the model with "
+                           "attn_implementation='sdpa' or 'eager'")
     rope = getattr(config, "rope_parameters", None)
     for name, (active, what) in _NONSTANDARD_OPTIONS.items():
         value = getattr(config, name, None)
@@ -489,9 +523,9 @@ def _gpt2_family(model: nn.Module, config: Any, body: nn.Module) -> dict:
 def spec_for(model: nn.Module, *, max_seq_len: int | None = None) -> ModelSpec:
     """Describe ``model`` (a stock ``transformers`` causal LM) for pinpoint.
 
-    ``max_seq_len``: promise that sequences never exceed this many tokens. Only needed for
-    models with a sliding attention window shorter than their context (e.g. Mistral-7B-v0.1):
-    within the window, attention is plain causal attention. Raises
+    ``max_seq_len``: promise that sequences never exceed this many tokens. A sliding attention
+    window (Mistral-7B-v0.1's 4096) needs no promise: sequences up to the window are exact, longer
+    ones are refused by ``ModelSpec.check_length``. Raises
     ``UnsupportedArchitectureError`` naming the class and the missing or unsupported feature.
     Returns ``model`` unchanged if it already is a ``ModelSpec``.
     """
@@ -550,18 +584,17 @@ def spec_for(model: nn.Module, *, max_seq_len: int | None = None) -> ModelSpec:
     if max_seq_len is not None and int(max_seq_len) < 1:
         raise ValueError(f"max_seq_len must be a positive number of tokens, got {max_seq_len}")
     limit = max_positions if max_seq_len is None else min(int(max_seq_len), max_positions)
-    window = None
+    # A sliding window is irrelevant to sequences that fit in it: there attention is plain causal
+    # attention. pinpoint's fused kernel computes full causal attention, so longer sequences are
+    # refused (ModelSpec.check_length names the window) instead of silently computed without it.
+    window, window_layer = None, None
     for i, w in parts.pop("windows"):
         if w is None:
             continue
-        if w < limit:
-            raise _fail(
-                model,
-                f"layer {i} attends through a sliding window of {w} tokens (config.sliding_window) shorter than "
-                f"the {limit} positions it accepts; pinpoint computes full causal attention. If sequences never "
-                f"exceed the window, pass spec_for(model, max_seq_len={w})",
-            )
-        window = w if window is None else min(window, w)
+        if not isinstance(w, int) or w < 1:
+            raise _fail(model, f"layer {i} has sliding window {w!r}; expected a positive number of tokens")
+        if window is None or w < window:
+            window, window_layer = int(w), i
 
     q0 = parts["layers"][0].q
     return ModelSpec(
@@ -573,8 +606,9 @@ def spec_for(model: nn.Module, *, max_seq_len: int | None = None) -> ModelSpec:
         vocab_size=vocab,
         attn_scale=attn_scale,
         max_positions=max_positions,
-        max_seq_len=limit,
+        max_seq_len=limit if window is None else min(limit, window),
         sliding_window=window,
+        window_layer=window_layer,
         has_qkv_bias=q0.bias() is not None,
         body=body,
         lm_head=lm_head,
