@@ -325,3 +325,123 @@ def test_attach_twice_is_refused():
         attach(model, [(1, 1)])
     a.detach()
     attach(model, [(1, 1)]).detach()
+
+
+# --- kv rules under GQA, accelerate hooks, the sampled fingerprint ----------------------------
+
+
+def _kv_rows_changed(model, before, layer, part):
+    """KV heads (of head_dim rows each) whose k_proj/v_proj rows differ from ``before``."""
+    ad = adapter_for(model)
+    name = f"model.layers.{layer}.self_attn.{part}_proj.weight"
+    w = dict(model.named_parameters())[name].detach()
+    D = ad.head_dim
+    return [g for g in range(ad.n_kv_heads) if not torch.equal(w[g * D:(g + 1) * D], before[name][g * D:(g + 1) * D])]
+
+
+@pytest.mark.parametrize("kv, changed_l1, changed_l2", [("whole", [], [1]), ("group", [0, 1], [1]),
+                                                        ("none", [], [])])
+def test_kv_rules_decide_which_keys_and_values_change(kv, changed_l1, changed_l2):
+    # GQA 4/2: layer 1 selects heads 0 and 3 (one of each group), layer 2 the whole group 1 (heads 2, 3)
+    heads = [(1, 0), (1, 3), (2, 2), (2, 3)]
+    model = tiny_model("mistral", n_layers=3, n_kv_heads=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapter = attach(model, heads, "qkvo", kv=kv)
+    changes = adapter.kv_changes()
+    assert changes["kv_heads"] == [(1, g) for g in changed_l1] + [(2, g) for g in changed_l2]
+    assert changes["unselected"] == ([(1, 1), (1, 2)] if kv == "group" else [])
+    torch.optim.SGD(adapter.parameters(), lr=0.5).zero_grad()
+    _loss(model, _ids()).backward()
+    torch.optim.SGD(adapter.parameters(), lr=0.5).step()
+    merged = adapter.merge()
+    for part in "kv":
+        assert _kv_rows_changed(merged, before, 1, part) == changed_l1
+        assert _kv_rows_changed(merged, before, 2, part) == changed_l2
+
+
+def test_whole_kv_with_only_kv_parts_and_no_whole_group_is_refused():
+    model = tiny_model("mistral", n_layers=3, n_kv_heads=2)
+    with pytest.raises(ValueError, match="nothing to train: .* no KV head has all of its 2 query heads selected"):
+        attach(model, [(1, 0)], "kv", kv="whole")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_attach_keeps_accelerate_hooks_and_works_on_offloaded_weights():
+    accelerate = pytest.importorskip("accelerate")
+    ids = _ids(6)
+    ref = tiny_model("qwen2", **ARCHS["qwen2"])
+    a = attach(ref, HEADS)
+    with torch.no_grad():
+        for i, p in enumerate(a.parameters()):
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    want = ref(ids).logits
+
+    model = tiny_model("qwen2", **ARCHS["qwen2"])
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))  # weights on meta, loaded per call
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    hooked = model.model.layers[1].self_attn.q_proj
+    wrapper = hooked.forward
+    b = attach(model, HEADS)
+    assert hooked.forward is wrapper  # accelerate's wrapper stays; the patch sits under it
+    with torch.no_grad():
+        for p, q in zip(b.parameters(), a.parameters()):
+            p.copy_(q)
+    assert torch.equal(model(ids).logits, want)
+    b.detach()
+    assert hooked.forward is wrapper and not getattr(hooked._old_forward, "_pinpoint_patch", False)
+    assert torch.equal(model(ids).logits, a.detach()(ids).logits)
+
+
+def test_fingerprint_samples_without_copies_and_sees_changed_slices():
+    from pinpoint.fingerprint import SAMPLE, sample_positions, weights_fingerprint
+
+    model = tiny_model("llama", n_layers=3)
+    fp = weights_fingerprint(model)
+    assert fp == weights_fingerprint(tiny_model("llama", n_layers=3)) != weights_fingerprint(
+        tiny_model("llama", n_layers=3, seed=1))
+    assert len(sample_positions(10**9)) == SAMPLE and sample_positions(100).tolist() == list(range(100))
+    # a changed element at a sampled position changes it, in a big (sampled) tensor too
+    w = model.lm_head.weight
+    assert w.numel() > 4096
+    pos = int(sample_positions(w.numel())[5])
+    old = float(w.view(-1)[pos])
+    with torch.no_grad():
+        w.view(-1)[pos] += 1.0
+    assert weights_fingerprint(model) != fp
+    with torch.no_grad():
+        w.view(-1)[pos] = old
+    assert weights_fingerprint(model) == fp
+    # a merged adapter (a few head slices) changes it
+    adapter = attach(model, [(2, 1)], "q")
+    with torch.no_grad():
+        adapter.deltas["l2_q"].fill_(1e-3)
+    adapter.merge()
+    assert weights_fingerprint(model) != fp
+
+
+def test_fingerprint_of_a_meta_model_is_structural():
+    from transformers import AutoModelForCausalLM
+
+    from pinpoint.fingerprint import weights_fingerprint
+
+    config = tiny_model("llama", n_layers=3).config
+    with torch.device("meta"):
+        a = AutoModelForCausalLM.from_config(config)
+        b = AutoModelForCausalLM.from_config(config)
+    assert weights_fingerprint(a) == weights_fingerprint(b) != weights_fingerprint(tiny_model("llama", n_layers=3))
+
+
+def test_adapters_saved_with_the_full_hash_fingerprint_still_load(tmp_path):
+    from pinpoint.fingerprint import legacy_fingerprint
+
+    model = tiny_model("llama", n_layers=3)
+    adapter = attach(model, HEADS)
+    adapter.save(tmp_path)
+    for name in ("pinpoint_adapter.json", "adapter_config.json"):
+        cfg = json.loads((tmp_path / name).read_text())
+        cfg["base_fingerprint"] = legacy_fingerprint(model)
+        (tmp_path / name).write_text(json.dumps(cfg))
+    adapter.detach()
+    PinpointAdapter.load(tmp_path, tiny_model("llama", n_layers=3)).detach()
+    with pytest.raises(AdapterMismatchError, match="base weights .* differ"):
+        PinpointAdapter.load(tmp_path, tiny_model("llama", n_layers=3, seed=2))
