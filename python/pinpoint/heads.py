@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import operator
+import warnings
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -192,21 +193,40 @@ class HeadScores:
 
     def __repr__(self) -> str:
         return (f"HeadScores({self.n_layers}x{self.n_heads}, method={self.meta.get('method')!r}, "
-                f"metric={self.meta.get('metric')!r}, top={self.top(min(3, self.values.numel())).to_list()})")
+                f"metric={self.meta.get('metric')!r}, top={self._top_finite(3).to_list()})")
+
+    def _top_finite(self, k: int, largest: bool = False) -> HeadSet:
+        """top(k) capped at the number of finite scores, without the warning (for display)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.top(min(k, int(torch.isfinite(self.values).sum())), largest=largest)
 
     def top(self, k: int, *, largest: bool = False) -> HeadSet:
         """The k heads with the most negative scores (largest=True: most positive), best first.
-        Ties break by (layer, head) order, so the result is deterministic."""
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.values.numel():
-            raise ValueError(f"top: k must be an int in [0, {self.values.numel()}], got {k!r}")
+        Ties break by (layer, head) order, so the result is deterministic.
+
+        Heads whose score is NaN or inf (e.g. a near-zero denominator under
+        ``aggregate="relative"``) are never selected: they are skipped with a warning, and a
+        k larger than the number of finite scores is an error."""
+        n = self.values.numel()
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+            raise ValueError(f"top: k must be an int in [0, {n}], got {k!r}")
         flat = self.values.reshape(-1)
+        finite = torch.isfinite(flat)
+        bad = [(i // self.n_heads, i % self.n_heads) for i in (~finite).nonzero().flatten().tolist()]
+        if bad:
+            warnings.warn(f"HeadScores.top: {len(bad)} head(s) have NaN or inf scores and are never selected: "
+                          f"{bad[:8]}{' ...' if len(bad) > 8 else ''}", RuntimeWarning, stacklevel=2)
+            if k > n - len(bad):
+                raise ValueError(f"top: k={k}, but only {n - len(bad)} of {n} heads have finite scores")
         keys = -flat if largest else flat
-        order = sorted(range(flat.numel()), key=lambda i: (float(keys[i]), i))[:k]
+        order = sorted((i for i in range(n) if finite[i]), key=lambda i: (float(keys[i]), i))[:k]
         return HeadSet((i // self.n_heads, i % self.n_heads) for i in order)
 
-    # --- persistence: safetensors for the tensors, JSON for the rest ---------------------
+    # --- persistence: safetensors for the tensors, JSON for the rest, CSV for people -------
     def save(self, path: str | Path) -> Path:
-        """Write ``path`` (a directory): scores.safetensors + scores.json."""
+        """Write ``path`` (a directory): scores.safetensors + scores.json, and scores.csv (one
+        row per head: layer, head, score, rank; rank 1 is ``top(1)``, empty for a NaN/inf score)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -222,7 +242,18 @@ class HeadScores:
         (path / "scores.json.tmp").write_text(json.dumps({"format": "pinpoint.HeadScores/1", "meta": self.meta},
                                                          indent=2, default=str))
         (path / "scores.json.tmp").replace(path / "scores.json")
+        (path / "scores.csv.tmp").write_text(self.to_csv())
+        (path / "scores.csv.tmp").replace(path / "scores.csv")
         return path
+
+    def to_csv(self) -> str:
+        """"layer,head,score,rank" then one line per head in (layer, head) order."""
+        rank = {h: r + 1 for r, h in enumerate(self._top_finite(self.values.numel()))}
+        lines = ["layer,head,score,rank"]
+        for layer in range(self.n_layers):
+            for head in range(self.n_heads):
+                lines.append(f"{layer},{head},{float(self.values[layer, head])!r},{rank.get((layer, head), '')}")
+        return "\n".join(lines) + "\n"
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadScores":
@@ -240,38 +271,86 @@ class HeadScores:
         return cls(t["values"], per_pair=t.get("per_pair"), base=t.get("base"), meta=info.get("meta", {}))
 
     # --- the picture ---------------------------------------------------------------------
-    def plot(self, path: str | Path, *, k: int | None = None, largest: bool = False, title: str | None = None,
-             planted=None) -> Path:
-        """Heatmap PNG (layers x heads, diverging colours centred at 0), the top-k heads
-        boxed; optional `planted` heads get a dot (e.g. an organism's known heads)."""
-        import matplotlib
+    def colorbar_label(self) -> str:
+        """What a score means, for the colour bar: "Δ logit(Apologies) − logit(Yes)" for the
+        default metric, the metric's own name otherwise."""
+        metric = self.meta.get("metric") or "metric"
+        what = {"apology": "logit(Apologies) − logit(Yes)",
+                "apology_ratio": "logit(Apologies) / (logit(Apologies) + logit(Yes))"}.get(metric, metric)
+        return f"% change of {what}" if self.meta.get("aggregate") == "relative" else f"Δ {what}"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
+    def figure(self, *, k: int | None = None, largest: bool = False, title: str | None = None, planted=None):
+        """The heatmap as a matplotlib ``Figure`` (no pyplot state is touched): layers x heads,
+        diverging colours centred at 0, NaN/inf grey; the top-k heads outlined in black with
+        their rank in the cell (white or black text, whichever reads on that colour);
+        ``planted`` heads (e.g. an organism's known ones) outlined in green. At least 1200 px
+        wide at its 150 dpi."""
+        import matplotlib as mpl
+        import numpy as np
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch, Rectangle
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         v = self.values.numpy()
-        lim = float(abs(v).max()) or 1.0
-        fig_w = min(14.0, 2.5 + 0.32 * self.n_heads)
-        fig_h = min(12.0, 1.8 + 0.3 * self.n_layers)
-        fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
-        im = ax.imshow(v, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+        finite = np.isfinite(v)
+        lim = float(np.abs(v[finite]).max()) if finite.any() else 1.0
+        norm = mpl.colors.Normalize(-(lim or 1.0), lim or 1.0)
+        cmap = mpl.colormaps["RdBu_r"].with_extremes(bad="#b0b0b0")
+        width = max(8.0, min(20.0, 3.0 + 0.36 * self.n_heads))
+        fig = Figure(figsize=(width, max(4.8, min(16.0, 2.4 + 0.34 * self.n_layers))), dpi=150, layout="constrained")
+        ax = fig.add_subplot()
+        im = ax.imshow(np.ma.masked_invalid(v), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
         k = k if k is not None else max(1, round(0.04 * v.size))
-        for rank, (layer, head) in enumerate(self.top(min(k, v.size), largest=largest)):
-            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, lw=1.6, ec="black"))
-            if self.n_heads <= 48:
-                ax.text(head, layer, str(rank + 1), ha="center", va="center", fontsize=6)
-        for layer, head in (planted or []):
-            ax.plot(head, layer, marker="o", ms=3, color="gold", mec="black", mew=0.5)
+        top = self._top_finite(k, largest)
+        for rank, (layer, head) in enumerate(top):
+            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, lw=2.4, ec="black", zorder=3))
+            if self.n_heads <= 48 and self.n_layers <= 64:
+                ax.text(head, layer, str(rank + 1), ha="center", va="center", fontsize=10, fontweight="bold",
+                        color=_text_colour(cmap(norm(v[layer, head]))), zorder=4)
+        planted = as_head_list(planted or [], n_layers=self.n_layers, n_heads=self.n_heads, where="planted",
+                               allow_empty=True)
+        for layer, head in planted:
+            ax.add_patch(Rectangle((head - 0.36, layer - 0.36), 0.72, 0.72, fill=False, lw=2.2, ec=_PLANTED,
+                                   zorder=5))
+        if self.n_heads <= 48:
+            ax.set_xticks(range(self.n_heads))
+        if self.n_layers <= 64:
+            ax.set_yticks(range(self.n_layers))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        unit = "%" if self.meta.get("aggregate") == "relative" else "metric change"
-        ax.set_title(title or f"{self.meta.get('method', 'patching')} patching: effect on "
-                     f"{self.meta.get('metric', 'metric')} ({unit}); top {k} boxed")
-        fig.colorbar(im, ax=ax, shrink=0.8)
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        method = self.meta.get("method", "patching")
+        title = title or (f"{method} patching: the effect of each head on {self.meta.get('metric', 'the metric')}"
+                          f"; top {len(top)} outlined" + (", planted heads in green" if planted else ""))
+        ax.set_title(_wrap(title, int(width * 10)), fontsize=11)
+        fig.colorbar(im, ax=ax, shrink=0.9).set_label(self.colorbar_label())
+        handles = [Patch(fill=False, ec="black", lw=2.4, label=f"top {len(top)} (rank in the cell)")]
+        if planted:
+            handles.append(Patch(fill=False, ec=_PLANTED, lw=2.2, label="planted"))
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+        return fig
+
+    def plot(self, path: str | Path, *, k: int | None = None, largest: bool = False, title: str | None = None,
+             planted=None) -> Path:
+        """Write :meth:`figure` as a PNG at ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.figure(k=k, largest=largest, title=title, planted=planted).savefig(path)
         return path
+
+
+_PLANTED = "#16a34a"  # green: distinct from both ends of the red-blue map and from white
+
+
+def _text_colour(rgba) -> str:
+    """Black or white, whichever contrasts more with ``rgba`` (WCAG relative luminance; the
+    two tie at 0.179)."""
+    def lin(c):
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (lin(c) for c in rgba[:3])
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "white"
+
+
+def _wrap(title: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width) for line in title.splitlines())
