@@ -19,6 +19,7 @@ Shapes: B pairs (in batches), L layers, H query heads, D head_dim, E hidden size
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -65,15 +66,15 @@ def _as_pairs(pairs) -> list[PromptPair]:
     return out
 
 
-def _encode(ad: ModelSpec, tokenizer, pairs: list[PromptPair], *, sides=("base", "source")):
+def _encode(spec: ModelSpec, tokenizer, pairs: list[PromptPair], *, sides=("base", "source")):
     enc = {side: [] for side in sides}
     for i, p in enumerate(pairs):
         for side in sides:
             where = f"pairs[{i}].{side}"
-            ids = to_ids(tokenizer, getattr(p, side), where=where, vocab_size=ad.vocab_size)
-            if len(ids) > ad.max_seq_len:
+            ids = to_ids(tokenizer, getattr(p, side), where=where, vocab_size=spec.vocab_size)
+            if len(ids) > spec.max_seq_len:
                 raise ValueError(f"{where} is {len(ids)} tokens, longer than the model's context of "
-                                 f"{ad.max_seq_len}")
+                                 f"{spec.max_seq_len}")
             enc[side].append(ids)
     return enc
 
@@ -92,10 +93,10 @@ def _head_masks(H: int, D: int, device) -> torch.Tensor:
 
 
 def _aggregate(per_pair: torch.Tensor, base: torch.Tensor, aggregate: str) -> torch.Tensor:
-    if aggregate == "diff":
-        return per_pair.mean(0)
-    rel = per_pair / base.view(-1, 1, 1)
-    return 100.0 * rel.mean(0)
+    """[B, L, H] effects, [B] base metric -> [L, H] scores, never NaN/inf (near-zero guards: metrics)."""
+    from .metrics import aggregate_scores
+
+    return aggregate_scores(per_pair, base, aggregate)
 
 
 # --- locate --------------------------------------------------------------------------------
@@ -114,6 +115,43 @@ def locate(model, tokenizer, pairs, *, method: str = "path", metric="apology", a
     padding (results do not depend on it); variant rows are chunked to stay within
     `max_memory` bytes (default: a fraction of free memory).
     """
+    _check_locate_args(method, aggregate, positions, batch_size, verify_top)
+    spec = spec_for(model)
+    pairs = _as_pairs(pairs)
+    fn, metric_name = resolve_metric(metric, tokenizer, apology_word=apology_word, yes_word=yes_word,
+                                     token_ids=metric_tokens)
+    enc = _encode(spec, tokenizer, pairs)
+    if positions == "all" and method != "path":
+        _check_equal_lengths(enc)
+    budget = memory_budget(spec.device, max_memory)
+    pad = pad_id(tokenizer, model)
+    side = "left" if (method == "activation" and positions == "last") else padding_side
+    run = {"path": _path_patching, "activation": _activation_all if positions == "all" else _activation_last,
+           "attribution": functools.partial(_attribution, positions=positions)}[method]
+    with inference(model, grads=(method == "attribution")):
+        per_pair, base_metric = _score_pairs(spec, fn, enc, run, _bar(len(pairs) * spec.n_layers * spec.n_heads,
+                                                                      method, positions, progress),
+                                             batch_size=batch_size, pad=pad, side=side, budget=budget)
+    meta = {"method": method, "metric": metric_name, "aggregate": aggregate, "positions": positions,
+            "n_pairs": len(pairs), "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+            "architecture": spec.arch, "dtype": str(spec.dtype).replace("torch.", "")}
+    if method == "attribution":
+        meta["screen"] = True
+        meta["note"] = "first-order attribution estimate (grad x activation difference), not exact patching"
+        if verify_top:
+            order = per_pair.mean(0).abs().reshape(-1).argsort(descending=True)[:verify_top]
+            verified = [(int(i) // spec.n_heads, int(i) % spec.n_heads) for i in order]
+            exact = locate_subset(model, tokenizer, pairs, verified, positions=positions, fn=fn, enc=enc,
+                                  batch_size=batch_size, budget=budget, pad=pad, progress=progress)
+            for j, (layer, head) in enumerate(verified):
+                per_pair[:, layer, head] = exact[:, j]
+            meta["verified"] = [list(h) for h in verified]
+            meta["note"] += f"; the {len(verified)} strongest heads were re-scored exactly (activation patching)"
+    values = _aggregate(per_pair, base_metric, aggregate)
+    return HeadScores(values, per_pair=per_pair, base=base_metric, meta=meta)
+
+
+def _check_locate_args(method, aggregate, positions, batch_size, verify_top) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if aggregate not in ("diff", "relative"):
@@ -128,62 +166,38 @@ def locate(model, tokenizer, pairs, *, method: str = "path", metric="apology", a
         raise ValueError(f"verify_top must be a non-negative int, got {verify_top!r}")
     if verify_top and method != "attribution":
         raise ValueError("verify_top re-checks an attribution screen; it only applies to method='attribution'")
-    ad = spec_for(model)
-    pairs = _as_pairs(pairs)
-    fn, metric_name = resolve_metric(metric, tokenizer, apology_word=apology_word, yes_word=yes_word,
-                                     token_ids=metric_tokens)
-    enc = _encode(ad, tokenizer, pairs)
-    if positions == "all" and method != "path":
-        for i, (b, s) in enumerate(zip(enc["base"], enc["source"])):
-            if len(b) != len(s):
-                raise ValueError(f"positions='all' patches every position, so base and source must have equal "
-                                 f"token lengths; pairs[{i}] has base {len(b)} and source {len(s)} tokens "
-                                 "(use positions='last')")
-    budget = memory_budget(ad.device, max_memory)
-    pad = pad_id(tokenizer, model)
-    L, H = ad.n_layers, ad.n_heads
-    B_all = len(pairs)
-    per_pair = torch.zeros(B_all, L, H)
-    base_metric = torch.zeros(B_all)
-    total_variants = B_all * L * H
-    with inference(model, grads=(method == "attribution")):
-        bar = _bar(total_variants, method, positions, progress)
-        try:
-            for start in range(0, B_all, batch_size):
-                stop = min(B_all, start + batch_size)
-                side = "left" if (method == "activation" and positions == "last") else padding_side
-                base = make_batch(enc["base"][start:stop], pad_id=pad, side=side, device=ad.device)
-                src = make_batch(enc["source"][start:stop], pad_id=pad, side=side, device=ad.device)
-                args = (ad, fn, base, src, start, budget, bar, start == 0)
-                if method == "path":
-                    vals, mb = _path_patching(*args)
-                elif method == "activation" and positions == "all":
-                    vals, mb = _activation_all(*args)
-                elif method == "activation":
-                    vals, mb = _activation_last(*args)
-                else:
-                    vals, mb = _attribution(*args, positions=positions)
-                per_pair[start:stop] = vals.cpu()
-                base_metric[start:stop] = mb.cpu()
-        finally:
-            bar.close()
-    meta = {"method": method, "metric": metric_name, "aggregate": aggregate, "positions": positions,
-            "n_pairs": B_all, "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-            "architecture": ad.arch, "dtype": str(ad.dtype).replace("torch.", "")}
-    if method == "attribution":
-        meta["screen"] = True
-        meta["note"] = "first-order attribution estimate (grad x activation difference), not exact patching"
-        if verify_top:
-            order = per_pair.mean(0).abs().reshape(-1).argsort(descending=True)[:verify_top]
-            verified = [(int(i) // H, int(i) % H) for i in order]
-            exact = locate_subset(model, tokenizer, pairs, verified, positions=positions, fn=fn, enc=enc,
-                                  batch_size=batch_size, budget=budget, pad=pad, progress=progress)
-            for j, (layer, head) in enumerate(verified):
-                per_pair[:, layer, head] = exact[:, j]
-            meta["verified"] = [list(h) for h in verified]
-            meta["note"] += f"; the {len(verified)} strongest heads were re-scored exactly (activation patching)"
-    values = _aggregate(per_pair, base_metric, aggregate)
-    return HeadScores(values, per_pair=per_pair, base=base_metric, meta=meta)
+
+
+def _check_equal_lengths(enc) -> None:
+    for i, (b, s) in enumerate(zip(enc["base"], enc["source"])):
+        if len(b) != len(s):
+            raise ValueError(f"positions='all' patches every position, so base and source must have equal "
+                             f"token lengths; pairs[{i}] has base {len(b)} and source {len(s)} tokens "
+                             "(use positions='last')")
+
+
+def _pair_batches(spec: ModelSpec, enc: dict, batch_size: int, pad: int, side: str):
+    """(start, stop, {side name: Batch}) for consecutive groups of ``batch_size`` pairs."""
+    n = len(next(iter(enc.values())))
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        yield start, stop, {k: make_batch(v[start:stop], pad_id=pad, side=side, device=spec.device)
+                            for k, v in enc.items()}
+
+
+def _score_pairs(spec: ModelSpec, fn, enc: dict, run, bar, *, batch_size: int, pad: int, side: str, budget: int,
+                 check: bool = True, **run_kwargs):
+    """``run`` on every batch of pairs: (per-pair effects [n_pairs, ...] and base metric [n_pairs]
+    on the CPU). With ``check``, the first batch runs the algorithm's self-check."""
+    per_pair, base_metric = [], []
+    try:
+        for start, _stop, b in _pair_batches(spec, enc, batch_size, pad, side):
+            vals, mb = run(spec, fn, b["base"], b["source"], start, budget, bar, check and start == 0, **run_kwargs)
+            per_pair.append(vals.cpu())
+            base_metric.append(mb.cpu())
+    finally:
+        bar.close()
+    return torch.cat(per_pair).float(), torch.cat(base_metric).float()
 
 
 def _bar(total, method, positions, enabled):
@@ -191,31 +205,31 @@ def _bar(total, method, positions, enabled):
                         unit="variant")
 
 
-def _base_metric(ad, fn, rec, start, side="base"):
+def _base_metric(spec, fn, rec, start, side="base"):
     _check_finite(rec.logits, start, side)
     return apply_metric(fn, rec.logits, what=f"the {side} prompts")
 
 
-def _path_patching(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool):
+def _path_patching(spec: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool):
     """[B, L, H] patched − base, and the base metric [B]."""
-    rb = record(ad, base, z=True, attn_out=True, resid_pre=True, last_only=True)
-    rs = record(ad, src, z=True, last_only=True)
-    mb = _base_metric(ad, fn, rb, start)
+    rb = record(spec, base, z=True, attn_out=True, resid_pre=True, last_only=True)
+    rs = record(spec, src, z=True, last_only=True)
+    mb = _base_metric(spec, fn, rb, start)
     _check_finite(rs.logits, start, "source")
     if check:
-        check_pre_norm_residual(ad, rb, what="path patching")
-    B, L, H, D = base.size, ad.n_layers, ad.n_heads, ad.head_dim
-    masks = _head_masks(H, D, ad.device)                                   # [H, H*D]
-    per_row = row_bytes(ad, "path")
+        check_pre_norm_residual(spec, rb, what="path patching")
+    B, L, H, D = base.size, spec.n_layers, spec.n_heads, spec.head_dim
+    masks = _head_masks(H, D, spec.device)                                   # [H, H*D]
+    per_row = row_bytes(spec, "path")
     total = L * H * B
     n = chunk_size(budget, per_row, total)
-    vals = torch.empty(total, device=ad.device)
+    vals = torch.empty(total, device=spec.device)
     # Variant v = (l * H + h) * B + b: head h of layer l patched with the source's value for pair b.
     # All senders' rows advance together, layer by layer (one o_proj / MLP call per layer and one
     # unembedding per chunk, instead of a separate tail per sender layer). Rows are ordered by
     # sender layer, so in a chunk the rows that have started by layer k are a prefix.
     for s in range(0, total, n):
-        v = torch.arange(s, min(total, s + n), device=ad.device)
+        v = torch.arange(s, min(total, s + n), device=spec.device)
         sender, head, row = v // (H * B), (v // B) % H, v % B
         x = None
         for k in range(int(sender[0]), L):
@@ -226,41 +240,41 @@ def _path_patching(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budge
             if started > first:                                             # senders at layer k join
                 r, hh = row[first:started], head[first:started]
                 z = torch.where(masks[hh], rs.z[k][r], rb.z[k][r])
-                new = rb.resid_pre[k][r] + ad.layers[k].o.module(z)
+                new = rb.resid_pre[k][r] + spec.layers[k].o.module(z)
                 x = new if x is None else torch.cat([x, new])
-            x = mlp_step(ad.layers[k], x)
-        vals[s:s + len(v)] = apply_metric(fn, ad.lm_head(ad.final_norm(x)), what="path-patched rows")
+            x = mlp_step(spec.layers[k], x)
+        vals[s:s + len(v)] = apply_metric(fn, spec.lm_head(spec.final_norm(x)), what="path-patched rows")
         bar.update(len(v))
     out = vals.view(L, H, B).permute(2, 0, 1) - mb[:, None, None]
     return out, mb
 
 
-def _activation_all(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
+def _activation_all(spec: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
                     heads_subset=None):
     """Replace head outputs at every position; recompute every later layer. Positions before
     the first token where base and source differ are the same in every variant, so only the
     suffix is rerun (on the base run's prefix KV cache) when the blocks allow it."""
-    rb = record(ad, base, z=True, resid_pre=True, block_kwargs=True)
-    rs = record(ad, src, z=True)
-    mb = _base_metric(ad, fn, rb, start)
+    rb = record(spec, base, z=True, resid_pre=True, block_kwargs=True)
+    rs = record(spec, src, z=True)
+    mb = _base_metric(spec, fn, rb, start)
     _check_finite(rs.logits, start, "source")
-    B, T, L, H, D = base.size, base.T, ad.n_layers, ad.n_heads, ad.head_dim
+    B, T, L, H, D = base.size, base.T, spec.n_layers, spec.n_heads, spec.head_dim
     variants = heads_subset if heads_subset is not None else [(l, h) for l in range(L) for h in range(H)]
-    one = torch.zeros(1, dtype=torch.long, device=ad.device)
+    one = torch.zeros(1, dtype=torch.long, device=spec.device)
 
     def rerun(layer, rows, z, lo, suffix):
         """Logits [N, vocab] of variant rows whose layer-`layer` o_proj input at positions lo..T-1
         is `z` [N, T - lo, H*D]: that layer's o_proj and MLP, then every later layer (on
         positions lo.. through `suffix`, or on all of them)."""
-        x = mlp_step(ad.layers[layer], rb.resid_pre[layer][rows, lo:] + ad.layers[layer].o.module(z))
-        x = suffix.run(layer + 1, x, rows) if suffix is not None else run_blocks(ad, layer + 1, x, rb.block_kwargs,
+        x = mlp_step(spec.layers[layer], rb.resid_pre[layer][rows, lo:] + spec.layers[layer].o.module(z))
+        x = suffix.run(layer + 1, x, rows) if suffix is not None else run_blocks(spec, layer + 1, x, rb.block_kwargs,
                                                                                  rows, B)
-        return _logits_at_last(ad, x, base.last[rows] - lo)
+        return _logits_at_last(spec, x, base.last[rows] - lo)
 
     if check:  # the rebuilt tail must reproduce the recorded run (one row is enough to tell)
-        _compare_logits(ad, rerun(0, one, rb.z[0][:1], 0, None), rb.logits[:1], "activation patching")
+        _compare_logits(spec, rerun(0, one, rb.z[0][:1], 0, None), rb.logits[:1], "activation patching")
     p0 = first_difference(base, src)
-    suffix = SuffixRunner.build(ad, base, rb, p0) if L > 1 else None
+    suffix = SuffixRunner.build(spec, base, rb, p0) if L > 1 else None
     if suffix is not None:  # the suffix rerun must reproduce the recorded run too, else rerun everything
         try:
             ok, _ = logits_match(rerun(0, one, rb.z[0][:1, p0:], p0, suffix), rb.logits[:1])
@@ -270,11 +284,11 @@ def _activation_all(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budg
             suffix = None
     lo = p0 if suffix is not None else 0
     # each variant row reruns T - lo positions, and carries its copy of the prefix KV cache
-    per_row = row_bytes(ad, "activation_all", T, rerun=T - lo, cached=suffix is not None)
+    per_row = row_bytes(spec, "activation_all", T, rerun=T - lo, cached=suffix is not None)
     n_rows = chunk_size(budget, per_row, len(variants) * B)
-    masks = _head_masks(H, D, ad.device)
-    out = torch.empty(B, len(variants), device=ad.device)
-    for layer, rows, hh, cols in _variant_chunks(variants, B, n_rows, ad.device):
+    masks = _head_masks(H, D, spec.device)
+    out = torch.empty(B, len(variants), device=spec.device)
+    for layer, rows, hh, cols in _variant_chunks(variants, B, n_rows, spec.device):
         z = torch.where(masks[hh][:, None, :], rs.z[layer][rows, lo:], rb.z[layer][rows, lo:])  # [N, T - lo, H*D]
         vals = apply_metric(fn, rerun(layer, rows, z, lo, suffix), what="activation-patched rows")
         out[rows, cols] = vals - mb[rows]
@@ -297,34 +311,34 @@ def _variant_chunks(variants, B: int, n_rows: int, device):
             yield layer, v % B, heads[v // B], idx_t[v // B]
 
 
-def _logits_at_last(ad, x, last):
-    return ad.lm_head(ad.final_norm(take_last(x, last)))
+def _logits_at_last(spec, x, last):
+    return spec.lm_head(spec.final_norm(take_last(x, last)))
 
 
-def _compare_logits(ad, got, want, what):
+def _compare_logits(spec, got, want, what):
     ok, err = logits_match(got, want)
     if not ok:
         from .models import UnsupportedArchitectureError
 
         raise UnsupportedArchitectureError(
-            f"{type(ad.model).__name__}: rerunning the recorded layers does not reproduce the model's own "
+            f"{type(spec.model).__name__}: rerunning the recorded layers does not reproduce the model's own "
             f"logits (off by {err:.2e} of the logit scale), so {what} cannot reuse the recorded prefix")
 
 
-def _activation_last(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
+def _activation_last(spec: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
                      heads_subset=None):
     """Replace head outputs at the last position only: one token per variant on the base KV cache."""
-    rb = record(ad, base, z=True, last_only=True)
-    rs = record(ad, src, z=True, last_only=True)
-    mb = _base_metric(ad, fn, rb, start)
+    rb = record(spec, base, z=True, last_only=True)
+    rs = record(spec, src, z=True, last_only=True)
+    mb = _base_metric(spec, fn, rb, start)
     _check_finite(rs.logits, start, "source")
-    B, T, L, H, D = base.size, base.T, ad.n_layers, ad.n_heads, ad.head_dim
-    cache = prefix_cache(ad, base)
-    ckw = cache_kwarg(ad.body)
+    B, T, L, H, D = base.size, base.T, spec.n_layers, spec.n_heads, spec.head_dim
+    cache = prefix_cache(spec, base)
+    ckw = cache_kwarg(spec.body)
     variants = heads_subset if heads_subset is not None else [(l, h) for l in range(L) for h in range(H)]
-    per_row = row_bytes(ad, "activation_last", T)
+    per_row = row_bytes(spec, "activation_last", T)
     n_rows = chunk_size(budget, per_row, len(variants) * B)
-    masks = _head_masks(H, D, ad.device)
+    masks = _head_masks(H, D, spec.device)
 
     def one_token(rows, layer=None, hh=None):
         handle = None
@@ -334,53 +348,53 @@ def _activation_last(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, bud
             def hook(module, args):
                 z = args[0]
                 return (torch.where(sel[:, None, :], repl[:, None, :].to(z.dtype), z), *args[1:])
-            handle = ad.layers[layer].o.module.register_forward_pre_hook(hook)
+            handle = spec.layers[layer].o.module.register_forward_pre_hook(hook)
         try:
             extra = {ckw: expand_cache(cache, rows)} if cache is not None else {}
-            out = ad.body(input_ids=base.input_ids[rows, -1:], attention_mask=base.attention_mask[rows],
+            out = spec.body(input_ids=base.input_ids[rows, -1:], attention_mask=base.attention_mask[rows],
                           position_ids=base.position_ids[rows, -1:], use_cache=cache is not None, **extra)
         finally:
             if handle is not None:
                 handle.remove()
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return ad.lm_head(hidden[:, -1])
+        return spec.lm_head(hidden[:, -1])
 
     if check:
-        _compare_logits(ad, one_token(torch.arange(B, device=ad.device)), rb.logits, "last-position patching")
-    out = torch.empty(B, len(variants), device=ad.device)
-    for layer, rows, hh, cols in _variant_chunks(variants, B, n_rows, ad.device):
+        _compare_logits(spec, one_token(torch.arange(B, device=spec.device)), rb.logits, "last-position patching")
+    out = torch.empty(B, len(variants), device=spec.device)
+    for layer, rows, hh, cols in _variant_chunks(variants, B, n_rows, spec.device):
         vals = apply_metric(fn, one_token(rows, layer, hh), what="activation-patched rows")
         out[rows, cols] = vals - mb[rows]
         bar.update(len(rows))
     return (out if heads_subset is not None else out.view(B, L, H)), mb
 
 
-def _attribution(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
+def _attribution(spec: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
                  positions: str = "last"):
     """First-order estimate of every head's patching effect: <d metric/d z_h, z_src,h − z_base,h>."""
-    B, L, H, D = base.size, ad.n_layers, ad.n_heads, ad.head_dim
+    B, L, H, D = base.size, spec.n_layers, spec.n_heads, spec.head_dim
     with torch.no_grad():
-        rs = record(ad, src, z=True, last_only=(positions == "last"))
+        rs = record(spec, src, z=True, last_only=(positions == "last"))
     _check_finite(rs.logits, start, "source")
     eps, zb = [None] * L, [None] * L
     handles = []
-    for spec in ad.layers:
-        def hook(module, args, i=spec.index):
+    for lspec in spec.layers:
+        def hook(module, args, i=lspec.index):
             z = args[0]
             zb[i] = z.detach()
             eps[i] = torch.zeros_like(z, requires_grad=True)  # d metric / d eps = d metric / d z
             return (z + eps[i], *args[1:])
-        handles.append(spec.o.module.register_forward_pre_hook(hook))
+        handles.append(lspec.o.module.register_forward_pre_hook(hook))
     try:
-        hidden = body_forward(ad, base)
-        logits = ad.lm_head(take_last(hidden, base.last))
+        hidden = body_forward(spec, base)
+        logits = spec.lm_head(take_last(hidden, base.last))
         _check_finite(logits.detach(), start, "base")
         m = apply_metric(fn, logits, what="the base prompts")
         m.sum().backward()
     finally:
         for h in handles:
             h.remove()
-    out = torch.empty(B, L, H, device=ad.device)
+    out = torch.empty(B, L, H, device=spec.device)
     for layer in range(L):
         g = eps[layer].grad
         if positions == "last":
@@ -396,28 +410,19 @@ def _attribution(ad: ModelSpec, fn, base: Batch, src: Batch, start: int, budget:
 def locate_subset(model, tokenizer, pairs, heads, *, positions="last", fn=None, enc=None, batch_size=8,
                   budget=None, pad=None, progress=False, metric="apology") -> torch.Tensor:
     """Exact activation-patching effects [n_pairs, len(heads)] of just `heads`."""
-    ad = spec_for(model)
-    heads = as_head_list(heads, n_layers=ad.n_layers, n_heads=ad.n_heads)
+    spec = spec_for(model)
+    heads = as_head_list(heads, n_layers=spec.n_layers, n_heads=spec.n_heads)
     pairs = _as_pairs(pairs)
     if fn is None:
         fn, _ = resolve_metric(metric, tokenizer)
-    enc = enc or _encode(ad, tokenizer, pairs)
-    budget = budget or memory_budget(ad.device, None)
+    enc = enc or _encode(spec, tokenizer, pairs)
+    budget = budget or memory_budget(spec.device, None)
     pad = pad_id(tokenizer, model) if pad is None else pad
-    out = torch.zeros(len(pairs), len(heads))
     run = _activation_all if positions == "all" else _activation_last
     with inference(model):
-        bar = _bar(len(pairs) * len(heads), "activation", positions, progress)
-        try:
-            for start in range(0, len(pairs), batch_size):
-                stop = min(len(pairs), start + batch_size)
-                side = "left"
-                base = make_batch(enc["base"][start:stop], pad_id=pad, side=side, device=ad.device)
-                src = make_batch(enc["source"][start:stop], pad_id=pad, side=side, device=ad.device)
-                vals, _ = run(ad, fn, base, src, start, budget, bar, False, heads_subset=heads)
-                out[start:stop] = vals.cpu()
-        finally:
-            bar.close()
+        out, _ = _score_pairs(spec, fn, enc, run, _bar(len(pairs) * len(heads), "activation", positions, progress),
+                              batch_size=batch_size, pad=pad, side="left", budget=budget, check=False,
+                              heads_subset=heads)
     return out
 
 
@@ -482,8 +487,8 @@ def knockout(model, tokenizer, pairs, heads, *, ablation: str = "mean", metric="
     """
     if ablation not in ("mean", "zero"):
         raise ValueError(f"ablation must be 'mean' or 'zero', got {ablation!r}")
-    ad = spec_for(model)
-    heads = as_head_list(heads, n_layers=ad.n_layers, n_heads=ad.n_heads)
+    spec = spec_for(model)
+    heads = as_head_list(heads, n_layers=spec.n_layers, n_heads=spec.n_heads)
     K = len(heads) if k_max is None else k_max
     if not isinstance(K, int) or not 1 <= K <= len(heads):
         raise ValueError(f"k_max must be an int in [1, {len(heads)}], got {k_max!r}")
@@ -491,46 +496,51 @@ def knockout(model, tokenizer, pairs, heads, *, ablation: str = "mean", metric="
     pairs = _as_pairs(pairs)
     fn, metric_name = resolve_metric(metric, tokenizer, apology_word=apology_word, yes_word=yes_word,
                                      token_ids=metric_tokens)
-    enc = _encode(ad, tokenizer, pairs, sides=("base",))
+    enc = _encode(spec, tokenizer, pairs, sides=("base",))
     pad = pad_id(tokenizer, model)
-    budget = memory_budget(ad.device, max_memory)
-    Hq, D = ad.n_heads, ad.head_dim
+    budget = memory_budget(spec.device, max_memory)
     per_pair = torch.zeros(K + 1, len(pairs))
     with inference(model):
-        means = head_means(model, None, enc["base"]).to(ad.device, ad.dtype) if ablation == "mean" else None
+        means = head_means(model, None, enc["base"]).to(spec.device, spec.dtype) if ablation == "mean" else None
         # order[l] [K+1, Hq]: which heads of layer l are ablated in variant k (heads[:k])
-        order = torch.zeros(ad.n_layers, K + 1, Hq, dtype=torch.bool)
+        order = torch.zeros(spec.n_layers, K + 1, spec.n_heads, dtype=torch.bool)
         for k in range(1, K + 1):
             layer, head = heads[k - 1]
             order[layer, k:, head] = True
-        layers_used = sorted({layer for layer, _ in heads})
         bar = progress_bar(len(pairs) * (K + 1), f"knockout[{ablation}]", progress, unit="variant")
         try:
-            for start in range(0, len(pairs), batch_size):
-                stop = min(len(pairs), start + batch_size)
-                base = make_batch(enc["base"][start:stop], pad_id=pad, side="left", device=ad.device)
-                B, T = base.size, base.T
-                n = chunk_size(budget, row_bytes(ad, "knockout", T), (K + 1) * B)
-                vals = torch.empty((K + 1) * B, device=ad.device)
-                for s in range(0, (K + 1) * B, n):
-                    v = torch.arange(s, min((K + 1) * B, s + n), device=ad.device)
-                    rows, ks = v % B, v // B
-                    plan = {}
-                    for layer in layers_used:
-                        patch = None
-                        if means is not None:
-                            patch = means[layer][None, None].expand(1, T, Hq, D)
-                        plan[layer] = LayerPatch(order[layer][ks.cpu()].to(ad.device), patch)
-                    sub = base.rows(rows)
-                    with fused_patching(model, plan, sub.key_padding_mask()):
-                        hidden = body_forward(ad, sub)
-                    logits = ad.lm_head(take_last(hidden, sub.last))
-                    _check_finite(logits, start, "base")
-                    vals[s:s + len(v)] = apply_metric(fn, logits, what="knockout rows")
-                    bar.update(len(v))
-                per_pair[:, start:stop] = vals.view(K + 1, B).cpu()
+            for start, stop, b in _pair_batches(spec, enc, batch_size, pad, "left"):
+                vals = _knockout_rows(model, spec, fn, b["base"], order, means, start=start, budget=budget, bar=bar)
+                per_pair[:, start:stop] = vals.cpu()
         finally:
             bar.close()
     meta = {"ablation": ablation, "metric": metric_name, "n_pairs": len(pairs),
             "model": getattr(model.config, "_name_or_path", "") or type(model).__name__}
     return KnockoutCurve(per_pair.mean(1), per_pair, heads, meta)
+
+
+def _knockout_rows(model, spec: ModelSpec, fn, base: Batch, order: torch.Tensor, means, *, start: int, budget: int,
+                   bar) -> torch.Tensor:
+    """The metric [K+1, B] of the K+1 knockout variants of each base prompt: variant k runs
+    with the heads ``order[:, k]`` [L, K+1, Hq] ablated (to ``means`` [L, Hq, D] or zero), all
+    variants as rows of fused-kernel forwards, chunked to ``budget`` bytes."""
+    B, T, Hq, D = base.size, base.T, spec.n_heads, spec.head_dim
+    K1 = order.shape[1]
+    layers_used = [layer for layer in range(spec.n_layers) if bool(order[layer].any())]
+    n = chunk_size(budget, row_bytes(spec, "knockout", T), K1 * B)
+    vals = torch.empty(K1 * B, device=spec.device)
+    for s in range(0, K1 * B, n):
+        v = torch.arange(s, min(K1 * B, s + n), device=spec.device)
+        rows, ks = v % B, v // B
+        plan = {}
+        for layer in layers_used:
+            patch = None if means is None else means[layer][None, None].expand(1, T, Hq, D)
+            plan[layer] = LayerPatch(order[layer][ks.cpu()].to(spec.device), patch)
+        sub = base.rows(rows)
+        with fused_patching(model, plan, sub.key_padding_mask()):
+            hidden = body_forward(spec, sub)
+        logits = spec.lm_head(take_last(hidden, sub.last))
+        _check_finite(logits, start, "base")
+        vals[s:s + len(v)] = apply_metric(fn, logits, what="knockout rows")
+        bar.update(len(v))
+    return vals.view(K1, B)

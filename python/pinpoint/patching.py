@@ -87,20 +87,20 @@ def fused_patching(model, layers: dict[int, LayerPatch], key_padding_mask: torch
 @torch.no_grad()
 def head_means(model, tokenizer, prompts, *, batch_size: int = 16) -> torch.Tensor:
     """Mean output of every head over all real tokens of `prompts`: [n_layers, Hq, D] (fp32)."""
-    ad = spec_for(model)
-    seqs = [to_ids(tokenizer, p, where=f"prompts[{i}]", vocab_size=ad.vocab_size) for i, p in enumerate(prompts)]
+    spec = spec_for(model)
+    seqs = [to_ids(tokenizer, p, where=f"prompts[{i}]", vocab_size=spec.vocab_size) for i, p in enumerate(prompts)]
     if not seqs:
         raise ValueError("head_means: prompts is empty")
-    total = torch.zeros(ad.n_layers, ad.n_heads * ad.head_dim, dtype=torch.float64)
+    total = torch.zeros(spec.n_layers, spec.n_heads * spec.head_dim, dtype=torch.float64)
     count = 0
     for s in range(0, len(seqs), batch_size):
-        batch = make_batch(seqs[s:s + batch_size], pad_id=pad_id(tokenizer, model), device=ad.device)
-        rec = record(ad, batch, z=True)
+        batch = make_batch(seqs[s:s + batch_size], pad_id=pad_id(tokenizer, model), device=spec.device)
+        rec = record(spec, batch, z=True)
         m = batch.attention_mask.bool()
-        for layer in range(ad.n_layers):
+        for layer in range(spec.n_layers):
             total[layer] += rec.z[layer][m].double().sum(0).cpu()
         count += int(m.sum())
-    return (total / count).float().view(ad.n_layers, ad.n_heads, ad.head_dim)
+    return (total / count).float().view(spec.n_layers, spec.n_heads, spec.head_dim)
 
 
 @contextlib.contextmanager
@@ -110,17 +110,17 @@ def ablate(model, heads, *, ablation: str = "zero", means: torch.Tensor | None =
     ablation="zero" replaces each head's output (its slice of the o_proj input) with 0;
     "mean" with `means` [n_layers, Hq, D] (from :func:`head_means`).
     """
-    ad = spec_for(model)
-    heads = as_head_list(heads, n_layers=ad.n_layers, n_heads=ad.n_heads)
+    spec = spec_for(model)
+    heads = as_head_list(heads, n_layers=spec.n_layers, n_heads=spec.n_heads)
     if ablation not in ("zero", "mean"):
         raise ValueError(f"ablation must be 'zero' or 'mean', got {ablation!r}")
     if ablation == "mean":
         if means is None:
             raise ValueError("ablation='mean' needs means= [n_layers, n_heads, head_dim] (see pinpoint.head_means)")
-        if tuple(means.shape) != (ad.n_layers, ad.n_heads, ad.head_dim):
+        if tuple(means.shape) != (spec.n_layers, spec.n_heads, spec.head_dim):
             raise ValueError(f"means must be [n_layers, n_heads, head_dim] = "
-                             f"{(ad.n_layers, ad.n_heads, ad.head_dim)}, got {tuple(means.shape)}")
-    D = ad.head_dim
+                             f"{(spec.n_layers, spec.n_heads, spec.head_dim)}, got {tuple(means.shape)}")
+    D = spec.head_dim
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
@@ -141,7 +141,7 @@ def ablate(model, heads, *, ablation: str = "zero", means: torch.Tensor | None =
 
     try:
         for layer, hs in by_layer.items():
-            handles.append(ad.layers[layer].o.module.register_forward_pre_hook(make_hook(layer, hs)))
+            handles.append(spec.layers[layer].o.module.register_forward_pre_hook(make_hook(layer, hs)))
         yield model
     finally:
         for h in handles:
