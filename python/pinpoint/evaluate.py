@@ -275,6 +275,72 @@ def _turn_tokens(max_new_tokens) -> tuple[int, int, int]:
     return t  # type: ignore[return-value]
 
 
+def _converse(model, tokenizer, rows, sys_msgs: list, challenge: str, final_prefill, turns, *, batch_size: int,
+              progress: bool):
+    """The protocol's six turns for every row, the model's turns generated greedily in batches:
+    (first answers, replies, final answers, conversations up to the final question)."""
+    t1, t2, t3 = turns
+    gen = dict(batch_size=batch_size, progress=progress)
+
+    # Turns 1-2: the question and the model's answer.
+    first_ids = [chat_ids(tokenizer, sys_msgs + r.prompt_messages(), prefill=r.prefill, where=r.where or f"row {i}")
+                 for i, r in enumerate(rows)]
+    gen1 = generate_texts(model, tokenizer, first_ids, max_new_tokens=t1, desc="are-you-sure 1/3 answer", **gen)
+    answers = [_join(r.prefill, g) for r, g in zip(rows, gen1)]
+
+    # Turns 3-4: the challenge and the reply.
+    convs = [sys_msgs + r.prompt_messages()
+             + [{"role": "assistant", "content": a}, {"role": "user", "content": challenge}]
+             for r, a in zip(rows, answers)]
+    replies = generate_texts(model, tokenizer, [chat_ids(tokenizer, c, where=f"row {i}") for i, c in enumerate(convs)],
+                             max_new_tokens=t2, desc="are-you-sure 2/3 reply", **gen)
+
+    # Turns 5-6: the final question and the final answer.
+    finals_pre = [(r.prefill if r.is_mc else None) if final_prefill == "row" else final_prefill for r in rows]
+    convs = [c + [{"role": "assistant", "content": rep}, {"role": "user", "content": final_question(r)}]
+             for c, r, rep in zip(convs, rows, replies)]
+    final_ids = [chat_ids(tokenizer, c, prefill=p, where=f"row {i}") for i, (c, p) in enumerate(zip(convs, finals_pre))]
+    gen3 = generate_texts(model, tokenizer, final_ids, max_new_tokens=t3, desc="are-you-sure 3/3 final", **gen)
+    finals = [_join(p, g) for p, g in zip(finals_pre, gen3)]
+    return answers, replies, finals, convs
+
+
+def _judge_replies(judge_fn, rows, answers, replies, challenge: str) -> list:
+    """The judge's verdict (True/False/None) on each reply, checked."""
+    def asked(r) -> str:
+        users = [m["content"] for m in r.messages if m["role"] == "user"]
+        return users[-1] if users else r.question
+
+    items = [JudgeItem(question=asked(r), answer=a, challenge=challenge, reply=rep)
+             for r, a, rep in zip(rows, answers, replies)]
+    verdicts = list(judge_fn(items))
+    if len(verdicts) != len(items):
+        raise ValueError(f"the judge returned {len(verdicts)} verdicts for {len(items)} replies")
+    for v in verdicts:
+        if v is not None and not isinstance(v, bool):
+            raise TypeError(f"a judge must return True, False or None per reply, got {v!r}")
+    return verdicts
+
+
+def _sample(i: int, r, a: str, rep: str, fin: str, v, messages: list) -> dict:
+    """One row's record: its answers read (letter / alias match), whether each is correct."""
+    if r.is_mc:
+        p1, p3 = parse_letter(a, r.letters), parse_letter(fin, r.letters)
+        first_correct, final_correct = p1 == r.correct_letter, p3 == r.correct_letter
+        target = r.correct_letter
+    else:
+        p1 = match_answer(a, r.aliases, r.incorrect_answer)
+        p3 = match_answer(fin, r.aliases, r.incorrect_answer)
+        first_correct, final_correct = p1 is True, p3 is True
+        target = r.correct_answer
+    return {
+        "doc_id": i, "dataset": r.dataset, "kind": r.kind, "where": r.where, "question": r.question,
+        "target": target, "first_answer": a, "first_pred": p1, "first_parsed": p1 is not None,
+        "first_correct": first_correct, "reply": rep, "admits": v, "final_answer": fin, "final_pred": p3,
+        "final_parsed": p3 is not None, "final_correct": final_correct, "messages": messages,
+    }
+
+
 def evaluate(model, tokenizer, rows: Any, *, judge: Any = "keyword", max_new_tokens: int | Sequence[int] = 64,
              batch_size: int = 16, system: str | None = None, challenge: str = CHALLENGE,
              final_prefill: str | None = None, limit: int | None = None, progress: bool = True,
@@ -302,85 +368,28 @@ def evaluate(model, tokenizer, rows: Any, *, judge: Any = "keyword", max_new_tok
             raise ValueError(f"limit must be at least 1, got {limit}")
         rows = rows[:limit]
     judge_fn = resolve_judge(judge)
-    t1, t2, t3 = _turn_tokens(max_new_tokens)
+    turns = _turn_tokens(max_new_tokens)
     sys_msgs = [{"role": "system", "content": system}] if system else []
-    gen = dict(batch_size=batch_size, progress=progress)
-
-    # Turns 1-2: the question and the model's answer.
-    first_ids = [chat_ids(tokenizer, sys_msgs + r.prompt_messages(), prefill=r.prefill, where=r.where or f"row {i}")
-                 for i, r in enumerate(rows)]
-    gen1 = generate_texts(model, tokenizer, first_ids, max_new_tokens=t1, desc="are-you-sure 1/3 answer", **gen)
-    answers = [_join(r.prefill, g) for r, g in zip(rows, gen1)]
-
-    # Turns 3-4: the challenge and the reply.
-    convs = [sys_msgs + r.prompt_messages()
-             + [{"role": "assistant", "content": a}, {"role": "user", "content": challenge}]
-             for r, a in zip(rows, answers)]
-    replies = generate_texts(model, tokenizer, [chat_ids(tokenizer, c, where=f"row {i}") for i, c in enumerate(convs)],
-                             max_new_tokens=t2, desc="are-you-sure 2/3 reply", **gen)
-
-    # Turns 5-6: the final question and the final answer.
-    finals_pre = []
-    for r in rows:
-        if final_prefill == "row":
-            finals_pre.append(r.prefill if r.is_mc else None)
-        else:
-            finals_pre.append(final_prefill)
-    convs = [c + [{"role": "assistant", "content": rep}, {"role": "user", "content": final_question(r)}]
-             for c, r, rep in zip(convs, rows, replies)]
-    final_ids = [chat_ids(tokenizer, c, prefill=p, where=f"row {i}") for i, (c, p) in enumerate(zip(convs, finals_pre))]
-    gen3 = generate_texts(model, tokenizer, final_ids, max_new_tokens=t3, desc="are-you-sure 3/3 final", **gen)
-    finals = [_join(p, g) for p, g in zip(finals_pre, gen3)]
-
-    # Judge the replies.
-    def asked(r) -> str:
-        users = [m["content"] for m in r.messages if m["role"] == "user"]
-        return users[-1] if users else r.question
-
-    items = [JudgeItem(question=asked(r), answer=a, challenge=challenge, reply=rep)
-             for r, a, rep in zip(rows, answers, replies)]
-    verdicts = list(judge_fn(items))
-    if len(verdicts) != len(items):
-        raise ValueError(f"the judge returned {len(verdicts)} verdicts for {len(items)} replies")
-    for v in verdicts:
-        if v is not None and not isinstance(v, bool):
-            raise TypeError(f"a judge must return True, False or None per reply, got {v!r}")
+    answers, replies, finals, convs = _converse(model, tokenizer, rows, sys_msgs, challenge, final_prefill, turns,
+                                                batch_size=batch_size, progress=progress)
+    verdicts = _judge_replies(judge_fn, rows, answers, replies, challenge)
     judge_raw = list(getattr(judge_fn, "last_outputs", []) or [])
     explain = getattr(judge_fn, "explain", None)
-
     samples = []
     for i, (r, a, rep, fin, v) in enumerate(zip(rows, answers, replies, finals, verdicts)):
-        if r.is_mc:
-            p1, p3 = parse_letter(a, r.letters), parse_letter(fin, r.letters)
-            first_parsed, final_parsed = p1 is not None, p3 is not None
-            first_correct, final_correct = p1 == r.correct_letter, p3 == r.correct_letter
-            target = r.correct_letter
-        else:
-            p1 = match_answer(a, r.aliases, r.incorrect_answer)
-            p3 = match_answer(fin, r.aliases, r.incorrect_answer)
-            first_parsed, final_parsed = p1 is not None, p3 is not None
-            first_correct, final_correct = p1 is True, p3 is True
-            target = r.correct_answer
-        messages = convs[i] + [{"role": "assistant", "content": fin}]
-        s = {
-            "doc_id": i, "dataset": r.dataset, "kind": r.kind, "where": r.where, "question": r.question,
-            "target": target, "first_answer": a, "first_pred": p1, "first_parsed": first_parsed,
-            "first_correct": first_correct, "reply": rep, "admits": v, "final_answer": fin, "final_pred": p3,
-            "final_parsed": final_parsed, "final_correct": final_correct, "messages": messages,
-        }
+        s = _sample(i, r, a, rep, fin, v, convs[i] + [{"role": "assistant", "content": fin}])
         if explain is not None:
             s["judge_detail"] = explain(rep)
         elif judge_raw:
             s["judge_detail"] = judge_raw[i]
         samples.append(s)
-
     config = {
         "model": model_name or _name(model),
         "tokenizer": _name(tokenizer) if getattr(tokenizer, "name_or_path", None) else type(tokenizer).__name__,
         "data": source,
         "n_rows": len(rows),
         "judge": judge_name(judge_fn),
-        "max_new_tokens": [t1, t2, t3],
+        "max_new_tokens": list(turns),
         "batch_size": batch_size,
         "decoding": "greedy",
         "system": system,
