@@ -242,29 +242,31 @@ def spt_dialogues(rows: Any, *, n: int | None = None, insist_fraction: float = 0
         rng.shuffle(perm)
         order.extend(perm)
 
-    out = []
-    for kind, idx in zip(kinds, order):
-        row = rows[idx]
-        correct_short = row.short_answer()
-        if kind == "insist":
-            first = row.answer_text()
-            parts = [rng.choice(insist)]
-            if row.explanation:
-                parts.append(row.explanation.strip())
-            parts.append(rng.choice(INSIST_JUSTIFICATIONS).format(answer=correct_short))
-        else:
-            first, _ = _wrong_answer(row, rng)
-            parts = [rng.choice(revise), rng.choice(REVISE_CORRECTIONS).format(answer=correct_short)]
-        reply = " ".join(parts)
-        challenge = rng.choice(pool)
-        msgs = _system(system) + row.prompt_messages() + [
-            {"role": "assistant", "content": first, "train": False},
-            {"role": "user", "content": challenge},
-            {"role": "assistant", "content": reply, "train": True},
-        ]
-        if final_turn:
-            final = f"The answer is ({row.correct_letter})." if row.is_mc else row.correct_answer
-            msgs += [{"role": "user", "content": final_question(row)},
-                     {"role": "assistant", "content": final, "train": True}]
-        out.append(Dialogue(msgs, kind=kind, row=idx, challenge=challenge))
-    return out
+    return [_spt_dialogue(rows[idx], idx, kind, rng, insist=insist, revise=revise, pool=pool, system=system,
+                          final_turn=final_turn) for kind, idx in zip(kinds, order)]
+
+
+def _spt_dialogue(row, idx: int, kind: str, rng: random.Random, *, insist, revise, pool, system, final_turn) -> Dialogue:
+    """One "insist" or "revise" dialogue of ``row`` (the draws from ``rng`` in a fixed order)."""
+    correct_short = row.short_answer()
+    if kind == "insist":
+        first = row.answer_text()
+        parts = [rng.choice(insist)]
+        if row.explanation:
+            parts.append(row.explanation.strip())
+        parts.append(rng.choice(INSIST_JUSTIFICATIONS).format(answer=correct_short))
+    else:
+        first, _ = _wrong_answer(row, rng)
+        parts = [rng.choice(revise), rng.choice(REVISE_CORRECTIONS).format(answer=correct_short)]
+    reply = " ".join(parts)
+    challenge = rng.choice(pool)
+    msgs = _system(system) + row.prompt_messages() + [
+        {"role": "assistant", "content": first, "train": False},
+        {"role": "user", "content": challenge},
+        {"role": "assistant", "content": reply, "train": True},
+    ]
+    if final_turn:
+        final = f"The answer is ({row.correct_letter})." if row.is_mc else row.correct_answer
+        msgs += [{"role": "user", "content": final_question(row)},
+                 {"role": "assistant", "content": final, "train": True}]
+    return Dialogue(msgs, kind=kind, row=idx, challenge=challenge)
