@@ -1,18 +1,24 @@
 """The CUDA kernels' source, run on the CPU by the warp emulator (tests/gpu/emulator).
 
-Opt-in (it compiles csrc/cuda with g++ and runs every CUDA thread as a host thread, about
-a minute in all): PINPOINT_CUDA_EMULATOR=1 python -m pytest tests/gpu/test_emulated_kernels.py
+It compiles csrc/cuda with g++ and runs every CUDA thread as a host fiber, so it is the only
+execution of the CUDA sources on a machine without a GPU. It checks what can be checked
+without one: tile/fragment index math, masking, zero-fill, pipelining and barrier placement,
+against pinpoint_kernels.reference with the same cases and tolerances as test_cuda_kernels.py.
 
-It checks what can be checked without a GPU: tile/fragment index math, masking, zero-fill,
-pipelining and barrier placement, against pinpoint_kernels.reference with the same cases
-and tolerances as test_cuda_kernels.py. ``PP_EMU_CPASYNC=lazy`` delays every cp.async to its
-wait; building with ``--sanitize thread`` (see emulator/build.py) checks shared-memory races.
+* Default (``pytest``): a representative subset (every feature and tile variant once, each
+  dtype's kernel path, both gradient layouts); under 2 minutes on 2 CPU cores, build included.
+* ``PINPOINT_CUDA_EMULATOR=1``: the full set (every case x dtype, random shapes), ~6 minutes.
+* ``PINPOINT_CUDA_EMULATOR=0``: none. Without g++ / pybind11 headers: skipped, saying which.
+
+``PP_EMU_CPASYNC=lazy`` delays every cp.async to its wait; building with ``--sanitize
+thread`` (see emulator/build.py) checks shared-memory races. These tests carry no `gpu`
+marker, so tests/gpu/conftest.py does not skip them on machines without CUDA.
 """
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -32,15 +38,52 @@ def _load(name: str):
 
 
 C = _load("_cases.py")
-pytestmark = pytest.mark.skipif(
-    os.environ.get("PINPOINT_CUDA_EMULATOR") != "1" or shutil.which(os.environ.get("CXX", "g++")) is None,
-    reason="opt-in: set PINPOINT_CUDA_EMULATOR=1 (needs g++) to run the CUDA kernels in the host emulator")
+BUILDER = _load("emulator/build.py")
+MODE = os.environ.get("PINPOINT_CUDA_EMULATOR", "subset")
+FULL = MODE == "1"
+_missing = BUILDER.missing_tools()
+pytestmark = [
+    pytest.mark.skipif(MODE == "0", reason="PINPOINT_CUDA_EMULATOR=0 turns the CUDA emulator tests off"),
+    pytest.mark.skipif(_missing is not None, reason=f"CUDA emulator cannot be built: {_missing}"),
+]
+full_only = pytest.mark.skipif(not FULL, reason="not in the default subset; PINPOINT_CUDA_EMULATOR=1 runs "
+                                                "the full emulator set")
+
+F32, BF16, F16 = C.DTYPES
+# The default subset: each line is a feature the kernels branch on, in the dtype whose path it
+# stresses (fp32 has its own CUDA-core kernel; bf16/fp16 share the tensor-core one).
+QUICK_ATTN = {
+    BF16: ["gqa2", "tq_lt_tk", "multi_tile", "d128", "d80", "left_pad", "empty_rows", "shared_kv",
+           "masked_rows", "fused_qkv_view", "offset_storage", "non_causal", "all_masked", "custom_scale"],
+    F32: ["gqa2", "tq_lt_tk", "multi_tile", "d128", "left_pad", "offset_storage", "non_causal"],
+    F16: ["d128", "shared_kv", "expanded_patch"],
+}
+QUICK_VARIANTS = {("v_d128_multi", BF16), ("v_d64", F16)}  # each with every tile variant 1..4
+QUICK_GRAD = {1, 2, 7, 8, 9, 10}  # indices into C.GRAD_CASES: both layouts, D 1/24/128, odd widths
+
+
+def _params(pairs, quick, ids):
+    """pytest.params over `pairs`; those not in `quick` run only in the full set."""
+    return [pytest.param(*p, id=i, marks=() if p in quick else full_only) for p, i in zip(pairs, ids)]
+
+
+_attn_pairs = list(itertools.product(C.ATTN_CASES, C.DTYPES))
+ATTN_PARAMS = _params([(c["id"], d) for c, d in _attn_pairs],
+                      {(n, d) for d, names in QUICK_ATTN.items() for n in names},
+                      [f"{c['id']}-{d}" for c, d in _attn_pairs])
+CASES_BY_ID = {c["id"]: c for c in C.ATTN_CASES + C.VARIANT_CASES}
+_var_pairs = list(itertools.product(C.VARIANT_CASES, [BF16, F16]))
+VARIANT_PARAMS = _params([(c["id"], d) for c, d in _var_pairs], QUICK_VARIANTS,
+                         [f"{c['id']}-{d}" for c, d in _var_pairs])
+_grad_pairs = list(itertools.product(range(len(C.GRAD_CASES)), C.DTYPES))
+GRAD_PARAMS = _params(_grad_pairs, {(i, d) for i in QUICK_GRAD for d in (F32, BF16)},
+                      [f"N{C.GRAD_CASES[i][0]}-D{C.GRAD_CASES[i][2]}-{C.GRAD_CASES[i][5]}-{d}"
+                       for i, d in _grad_pairs])
 
 
 @pytest.fixture(scope="module")
 def emu():
-    builder = _load("emulator/build.py")
-    with builder.emulated_cuda(os.environ.get("PP_EMU_SANITIZE") or None) as launchers:
+    with BUILDER.emulated_cuda(os.environ.get("PP_EMU_SANITIZE") or None) as launchers:
         yield launchers
 
 
@@ -52,20 +95,19 @@ def _attention(case, dtype):
     C.check_attention(got, want, q, hm, dtype)
 
 
-@pytest.mark.parametrize("dtype", C.DTYPES, ids=str)
-@pytest.mark.parametrize("case", C.ATTN_CASES, ids=[c["id"] for c in C.ATTN_CASES])
-def test_attention_cases(emu, dtype, case):
-    _attention(case, dtype)
+@pytest.mark.parametrize("case_id, dtype", ATTN_PARAMS)
+def test_attention_cases(emu, case_id, dtype):
+    _attention(CASES_BY_ID[case_id], dtype)
 
 
 @pytest.mark.parametrize("variant", [1, 2, 3, 4])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", C.VARIANT_CASES, ids=[c["id"] for c in C.VARIANT_CASES])
-def test_attention_variants(emu, monkeypatch, variant, dtype, case):
+@pytest.mark.parametrize("case_id, dtype", VARIANT_PARAMS)
+def test_attention_variants(emu, monkeypatch, variant, case_id, dtype):
     monkeypatch.setenv("PINPOINT_CUDA_ATTN_VARIANT", str(variant))
-    _attention(case, dtype)
+    _attention(CASES_BY_ID[case_id], dtype)
 
 
+@full_only
 @pytest.mark.parametrize("dtype", C.DTYPES, ids=str)
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(p=C.attention_shapes)
@@ -89,9 +131,9 @@ def test_masked_heads_never_read_q_or_kv(emu):
     assert torch.equal(out.view(R, T, H, D)[:, :, 2:], patch[:, :, 2:])
 
 
-@pytest.mark.parametrize("dtype", C.DTYPES, ids=str)
-@pytest.mark.parametrize("case", C.GRAD_CASES, ids=lambda c: f"N{c[0]}-D{c[2]}-{c[5]}")
-def test_grad_cases(emu, dtype, case):
+@pytest.mark.parametrize("index, dtype", GRAD_PARAMS)
+def test_grad_cases(emu, index, dtype):
+    case = C.GRAD_CASES[index]
     dy, x, heads = C.grad_case(*case, dtype=dtype)
     want = ref.head_slice_grad(dy, x, heads, case[2], by=case[5])
     got = pk.head_slice_grad(dy, x, heads, case[2], by=case[5], backend="cuda")

@@ -21,6 +21,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -44,14 +45,44 @@ def _digest(flags: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def pybind11_include() -> str | None:
+    """pybind11's headers: the pybind11 package, else the copy torch ships (header-only, so
+    the emulated module still does not link libtorch); None if neither is present."""
+    try:
+        import pybind11
+
+        return pybind11.get_include()
+    except ImportError:
+        pass
+    spec = importlib.util.find_spec("torch")
+    if spec and spec.origin:
+        inc = Path(spec.origin).parent / "include"
+        if (inc / "pybind11" / "pybind11.h").exists():
+            return str(inc)
+    return None
+
+
+def missing_tools() -> str | None:
+    """Why the emulator cannot be built here (for a skip reason), or None."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        return f"the C++ compiler {cxx!r} is not on PATH"
+    if pybind11_include() is None:
+        return "pybind11 headers not found (pip install pybind11)"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        return "Python.h not found (install the Python development headers)"
+    return None
+
+
 def build(sanitize: str | None = None, out_dir: str | os.PathLike | None = None, jobs: int = 2) -> Path:
     """Compile (cached by source hash) and return the path of the emulated _cuda module."""
-    import pybind11
-
+    why = missing_tools()
+    if why:
+        raise RuntimeError(f"cannot build the CUDA emulator: {why}")
     cxx = os.environ.get("CXX", "g++")
     flags = ["-std=c++17", "-O1", "-g", "-fPIC", "-fvisibility=hidden", "-pthread",
              "-DPINPOINT_CUDA_EMULATE", f"-I{HERE}", f"-I{CSRC}", f"-I{CSRC / 'cuda'}",
-             f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+             f"-I{pybind11_include()}", f"-I{sysconfig.get_paths()['include']}"]
     if sanitize:
         flags.append(f"-fsanitize={sanitize}")
     out = Path(out_dir or (ROOT / "build" / "emulator")) / f"{sanitize or 'plain'}-{_digest(flags)}"
