@@ -1,41 +1,79 @@
-"""pinpoint: locate and fine-tune the attention heads behind one behaviour of a causal LM."""
+"""pinpoint: locate and fine-tune the attention heads behind one behaviour of a causal LM.
+
+``import pinpoint`` is light: the public names below are imported from their modules on
+first use (PEP 562 module ``__getattr__``), so training code (``pinpoint.tune``,
+``pinpoint.organism.train``), the peer libraries and matplotlib load only when used.
+``pp.organism`` and ``pp.data`` are the subpackages, loaded the same way.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from . import data, organism
-from .adapter import AdapterMismatchError, PinpointAdapter, attach, random_heads
-from .evaluate import EvalReport, evaluate
-from .general import evaluate_choices, kl_divergence
-from .heads import HeadScores, HeadSet
-from .locate import KnockoutCurve, knockout, locate
-from .models import ModelAdapter, ModelSpec, UnsupportedArchitectureError, adapter_for, spec_for  # ModelAdapter, adapter_for: deprecated aliases
-from .patching import ablate, head_means
-from .prompts import PromptPair
-from .tune import FullTuning, tune
+# public name -> the module that defines it
+_LAZY = {
+    "AdapterMismatchError": "adapter", "PinpointAdapter": "adapter", "attach": "adapter", "random_heads": "adapter",
+    "EvalReport": "evaluate", "evaluate": "evaluate",
+    "evaluate_choices": "general", "kl_divergence": "general",
+    "HeadScores": "heads", "HeadSet": "heads",
+    "KnockoutCurve": "locate", "knockout": "locate", "locate": "locate",
+    "ModelAdapter": "models", "ModelSpec": "models", "UnsupportedArchitectureError": "models",  # ModelAdapter,
+    "adapter_for": "models", "spec_for": "models",                                              # adapter_for: deprecated
+    "ablate": "patching", "head_means": "patching",
+    "PromptPair": "prompts",
+    "FullTuning": "tune", "tune": "tune",
+    "UserError": "errors",
+}
+_SUBPACKAGES = ("data", "organism")
 
-__all__ = [
-    "__version__",
-    "AdapterMismatchError",
-    "FullTuning",
-    "PinpointAdapter",
-    "EvalReport",
-    "HeadScores",
-    "HeadSet",
-    "KnockoutCurve",
-    "ModelSpec",
-    "PromptPair",
-    "UnsupportedArchitectureError",
-    "ablate",
-    "spec_for",
-    "attach",
-    "data",
-    "evaluate",
-    "evaluate_choices",
-    "head_means",
-    "kl_divergence",
-    "knockout",
-    "locate",
-    "organism",
-    "random_heads",
-    "tune",
-]
+__all__ = ["__version__", *sorted(_LAZY), *_SUBPACKAGES]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value  # later lookups are plain attribute reads
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``pp.locate``, ``pp.tune`` and ``pp.evaluate`` are functions, but their names are also
+    submodules, and importing a submodule binds its name on the package. These properties keep
+    the function: a binding of the submodule itself is ignored, anything else (a user's
+    monkeypatch) is kept."""
+
+
+def _function_property(name: str) -> property:
+    module_name = f"{__name__}.{name}"
+
+    def get(self):
+        value = self.__dict__.get(name)
+        if value is None or isinstance(value, types.ModuleType):
+            value = getattr(importlib.import_module(module_name), name)
+            self.__dict__[name] = value
+        return value
+
+    def set_(self, value):
+        if not (isinstance(value, types.ModuleType) and value.__name__ == module_name):
+            self.__dict__[name] = value
+
+    def delete(self):
+        self.__dict__.pop(name, None)
+
+    return property(get, set_, delete, f"pinpoint.{name}.{name} (see its docstring)")
+
+
+for _name in ("locate", "tune", "evaluate"):
+    setattr(_Package, _name, _function_property(_name))
+del _name
+sys.modules[__name__].__class__ = _Package

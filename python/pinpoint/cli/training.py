@@ -1,0 +1,163 @@
+"""`pinpoint tune` (SPT on the located heads, or SFT with --full) and `pinpoint export`."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from ..outdir import OutDir
+from .common import (apply_adapter, is_full_model_dir, load_heads, load_model, load_rows, nonnegative_float,
+                     parts_letters, positive_float, positive_int)
+
+
+def _check_tune_flags(args) -> None:
+    if args.full and args.heads is not None:
+        raise UserError("--full trains every parameter: drop --heads, or drop --full to train only those heads")
+    if not args.full and args.heads is None:
+        raise UserError("--heads is required (a saved HeadScores directory or a HeadSet JSON file), or pass "
+                        "--full for the SFT baseline")
+    if args.grad_accum > args.batch_size:
+        raise UserError(f"--grad-accum {args.grad_accum}: must be at most --batch-size {args.batch_size} (each "
+                        "micro-batch needs a dialogue)")
+
+
+def _check_checkpoints(args, ckpt_dir: Path) -> bool:
+    """Whether --out already holds a tune checkpoint; refuses --resume without one and a
+    fresh start over one (unless --overwrite)."""
+    has = ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
+    if args.resume and not has:
+        raise UserError(f"--resume: there is no checkpoint in {ckpt_dir} to continue; run without --resume to start")
+    if has and not args.resume and not args.overwrite:
+        raise UserError(f"--out {args.out} holds a tune checkpoint ({ckpt_dir}); add --resume to continue that run, "
+                        "or --overwrite to start over")
+    return has
+
+
+def _check_not_benchmark(rows, allowed: bool) -> None:
+    from ..data import SYCOPHANCY_EVAL_DATASETS
+
+    bench = sorted({r.dataset for r in rows} & set(SYCOPHANCY_EVAL_DATASETS))
+    if bench and not allowed:
+        raise UserError(f"--data: rows of the SycophancyEval benchmark ({', '.join(bench)}) must not be trained on; "
+                        "build training rows from other questions, or pass --allow-benchmark-rows if they are "
+                        "your own")
+
+
+def _interrupted_note(ckpt_dir: Path):
+    def note() -> str:
+        if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+            return (f"the last checkpoint is saved in {ckpt_dir}; rerun the same command with --resume to "
+                    "continue from it")
+        return "no checkpoint was saved yet (one is written every ~10% of --steps); rerun the command to start again"
+    return note
+
+
+def run_tune(args) -> int:
+    from ..data import spt_dialogues
+    from ..files import atomic_write_json
+    from ..tune import tune
+
+    _check_tune_flags(args)
+    out = OutDir(args.out, command="tune", overwrite=args.overwrite)
+    out.check()
+    ckpt_dir = out.path / "checkpoints"
+    had_checkpoint = _check_checkpoints(args, ckpt_dir)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, chat_template=args.chat_template)
+    heads = None if args.full else load_heads(args.heads, args.k, model)
+    rows = load_rows(args.data, limit=args.limit)
+    _check_not_benchmark(rows, args.allow_benchmark_rows)
+    dialogues = spt_dialogues(rows, n=args.n_dialogues, seed=args.seed, allow_benchmark=args.allow_benchmark_rows)
+    what = "every parameter (SFT)" if args.full else f"k = {len(heads)} heads {heads.to_list()}, parts {args.parts}"
+    print(f"tune: {what}; lr {args.lr:g}, {args.steps} steps, batch {args.batch_size} (grad-accum "
+          f"{args.grad_accum}), weight decay {args.weight_decay:g}, seed {args.seed}, {len(dialogues)} dialogues")
+    with out.open() as stage:
+        if had_checkpoint and not args.resume:  # --overwrite: start over
+            shutil.rmtree(ckpt_dir)
+        args.on_interrupt = _interrupted_note(ckpt_dir)
+        t0 = time.perf_counter()
+        try:
+            result = tune(model, tok, dialogues, heads=heads, full=args.full, parts=args.parts, lr=args.lr,
+                          steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                          weight_decay=args.weight_decay, seed=args.seed, checkpoint_dir=ckpt_dir,
+                          resume=args.resume, progress=not args.quiet)
+        except ValueError as exc:
+            if args.resume and str(exc).startswith("cannot resume"):  # tune's refusal of a foreign checkpoint
+                raise UserError(f"--resume: {exc}; rerun with the flags that made it, or --overwrite to start "
+                                "over") from None
+            raise
+        seconds = time.perf_counter() - t0
+        wrote = _save_tuned(args, result, tok, stage, out.path)
+        atomic_write_json(stage / "tune.json", _summary(args, heads, result, len(dialogues), seconds))
+    print("wrote " + ", ".join(str(w) for w in wrote + [out.path / "tune.json"]))
+    return 0
+
+
+def _save_tuned(args, result, tok, stage: Path, final: Path) -> list:
+    if args.full:
+        model = result.merge()
+        model.save_pretrained(stage / "model")
+        tok.save_pretrained(stage / "model")
+        print(f"the SFT model (with its tokenizer) is {final / 'model'}: evaluate it with "
+              f"`pinpoint eval --model {final / 'model'}`")
+        return [final / "model"]
+    result.save(stage / "adapter")
+    wrote = [final / "adapter"]
+    if args.merge:
+        merged = result.merge()
+        merged.save_pretrained(stage / "merged")
+        tok.save_pretrained(stage / "merged")
+        wrote.append(final / "merged")
+    return wrote
+
+
+def _summary(args, heads, result, n_dialogues: int, seconds: float) -> dict:
+    history = list(getattr(result, "history", []))
+    return {
+        "format": "pinpoint.tune/1", "kind": "sft" if args.full else "spt",
+        "heads": None if args.full else heads.to_list(), "k": None if args.full else len(heads),
+        "parts": None if args.full else args.parts, "lr": args.lr, "steps": args.steps,
+        "batch_size": args.batch_size, "grad_accum": args.grad_accum, "weight_decay": args.weight_decay,
+        "seed": args.seed, "n_dialogues": n_dialogues, "model": str(args.model), "data": str(args.data),
+        "trainable_params": sum(p.numel() for p in result.parameters()),
+        "final_loss": history[-1]["loss"] if history else None, "seconds": seconds,
+    }
+
+
+def run_export(args) -> int:
+    out = OutDir(args.out, command="export", overwrite=args.overwrite)
+    out.check()
+    if Path(args.adapter).is_dir() and is_full_model_dir(Path(args.adapter)):
+        raise UserError(f"--adapter {args.adapter} is a full model (tune --full), not an adapter; it is already "
+                        "a plain transformers directory")
+    model, tok = load_model(args.model, device="cpu", dtype=args.dtype, chat_template=args.chat_template)
+    merged = apply_adapter(model, args.adapter, check_fingerprint=not args.no_fingerprint_check)
+    with out.open() as stage:
+        merged.save_pretrained(stage)
+        tok.save_pretrained(stage)
+    print(f"wrote {out.path}: the merged model with its tokenizer (load it with AutoModelForCausalLM)")
+    return 0
+
+
+def add_parsers(cmd, common) -> None:
+    p = cmd("tune", "train only the selected heads (SPT), or everything with --full (SFT)", run_tune)
+    common(p, heads=True)
+    p.add_argument("--full", action="store_true", help="train every parameter (the SFT baseline); writes --out/model")
+    p.add_argument("--parts", default="qkvo", type=parts_letters, help="which slices to train: letters of q, k, v, o")
+    p.add_argument("--lr", type=positive_float, default=3e-5)
+    p.add_argument("--steps", type=positive_int, default=120)
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+    p.add_argument("--n-dialogues", type=positive_int, default=None,
+                   help="number of training dialogues (default: one per row)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out/checkpoints")
+    p.add_argument("--merge", action="store_true", help="also write the merged model to --out/merged")
+    p.add_argument("--allow-benchmark-rows", action="store_true",
+                   help="train on rows of SycophancyEval's datasets (refused by default: it is the benchmark)")
+
+    p = cmd("export", "write a tuned model in a standard format (the merged transformers model)", run_export)
+    common(p, data=False)
+    p.add_argument("--adapter", required=True, metavar="DIR", help="a saved pinpoint adapter (tune's --out/adapter)")
+    p.add_argument("--no-fingerprint-check", action="store_true",
+                   help="apply the adapter even if --model's weights differ from those it was trained on")
