@@ -205,7 +205,7 @@ def head_slice_linear(
     _check(x, weight, bias, delta, delta_bias, heads, by, layout)
 
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):  # meta has no autocast
         cdt = torch.get_autocast_dtype(dev)
         x = x.to(cdt)
     else:

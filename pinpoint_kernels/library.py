@@ -186,6 +186,14 @@ def _merged_bias(bias: Tensor, delta_bias: Tensor, heads: Tensor, head_dim: int)
     return b
 
 
+def _no_autocast(device: torch.device):
+    """The impl runs under the caller's autocast state: switch it off, so the GEMM computes in
+    compute_dtype (already chosen by the public function) and is not cast a second time."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _project(x: Tensor, w: Tensor, b: Tensor | None, layout: str) -> Tensor:
     if layout == "linear":
         return F.linear(x, w, b)
@@ -199,7 +207,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, de
             heads: Tensor, features: Tensor, head_dim: int, by: str, layout: str,
             compute_dtype: torch.dtype) -> Tensor:
     """x [..., in] (in compute_dtype) -> [..., out]: the stock projection on the merged weight."""
-    with torch.autocast(x.device.type, enabled=False):
+    with _no_autocast(x.device):
         b = None
         if bias is not None:
             b = _merged_bias(bias, delta_bias, heads, head_dim) if delta_bias is not None else bias.detach()
@@ -221,7 +229,7 @@ def _(x, weight, bias, delta, delta_bias, heads, features, head_dim, by, layout,
 def _input_grad(dy: Tensor, weight: Tensor, delta: Tensor, heads: Tensor, features: Tensor, head_dim: int,
                 by: str, layout: str, compute_dtype: torch.dtype) -> Tensor:
     """dY [N, out] -> dX = dY · (W + scatter(Δ)) [N, in] in compute_dtype, on the merged weight."""
-    with torch.autocast(dy.device.type, enabled=False):
+    with _no_autocast(dy.device):
         with merged_weight(weight, delta, heads, head_dim, by, layout) as w:
             return dy.to(compute_dtype) @ _oi(w.detach().to(compute_dtype), layout)
 

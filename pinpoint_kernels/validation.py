@@ -50,6 +50,12 @@ def values_on_host(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
+def _has_values(x: torch.Tensor) -> bool:
+    """False for tensors whose values cannot be read: meta, FakeTensor and other subclasses
+    (e.g. functional tensors), and anything while torch.compile traces."""
+    return type(x) is torch.Tensor and not x.is_meta and not torch.compiler.is_compiling()
+
+
 def _first_bad_in_list(op: str, name: str, values: list[int], upper: int, what: str, distinct: bool) -> None:
     for i, v in enumerate(values):
         if not 0 <= v < upper:
@@ -67,11 +73,11 @@ def check_index_values(op: str, name: str, idx: torch.Tensor, *, upper: int, wha
     tensors, see :func:`values_on_host`) or in debug mode (:func:`debug_checks`). Otherwise
     it queues device-side asserts (``torch._assert_async``): no round trip, and a bad value
     still stops the stream with an error instead of an out-of-bounds read in a kernel.
-    ``on_host=True`` always checks on the host: for one-time index construction. While
-    ``torch.compile`` traces, values are unknown, so only the device-side asserts apply."""
+    ``on_host=True`` always checks on the host: for one-time index construction. A tensor
+    without values (traced by ``torch.compile``, fake, meta) gets only the device-side asserts."""
     if idx.numel() == 0:
         return
-    if (on_host or debug_checks() or values_on_host(idx)) and not torch.compiler.is_compiling():
+    if (on_host or debug_checks() or values_on_host(idx)) and _has_values(idx):
         _first_bad_in_list(op, name, idx.tolist(), upper, what, distinct)
         return
     torch._assert_async(((idx >= 0) & (idx < upper)).all(),

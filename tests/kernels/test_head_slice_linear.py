@@ -8,14 +8,19 @@ Backward: dX, dΔ, dΔb against autograd of that merged weight, fp32, atol = rto
 """
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pinpoint_kernels as pk
-from pinpoint_kernels.head_slice_linear import SliceIndex, head_slice_linear
+from pinpoint_kernels import library
+from pinpoint_kernels.head_slice_linear import SliceIndex, effective_bias, effective_weight, head_slice_linear
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
@@ -203,3 +208,124 @@ def _bad(**over):
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# --- no full-weight copies (issue 13): W is merged in place for one GEMM, then restored ----
+
+class _NewAllocations(TorchDispatchMode):
+    """Sizes (numel) of op outputs that are fresh allocations: not a view of, nor an in-place
+    result on, any input's storage. Steps into pinpoint's registered ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name.startswith("pinpoint::"):
+            with self:
+                return library.IMPLEMENTATIONS[name.split("::")[1]](*args, **kwargs)
+        out = func(*args, **kwargs)
+        ins = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in ins:
+                self.sizes.append((name, t.numel()))
+        return out
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("by", ["rows", "cols"])
+def test_no_full_weight_sized_tensor_is_allocated(by, layout):
+    g = torch.Generator().manual_seed(9)
+    # 8 heads, 2 selected: the slices are 1/4 of W; activations (5 tokens) are far smaller.
+    heads, w, b, delta, db, x = _case(g, H=8, D=8, other=48, n_sel=2, by=by, layout=layout, bias=True, lead=(5,))
+    idx = SliceIndex(heads, 8, 8)
+    with _NewAllocations() as rec:
+        y = head_slice_linear(x, w, b, delta, idx, by=by, layout=layout, delta_bias=db)
+        y.backward(torch.ones_like(y))
+    assert delta.grad is not None and x.grad is not None
+    big = [(n, s) for n, s in rec.sizes if s >= w.numel()]
+    assert big == [], f"full-weight-sized allocations: {big}"
+    assert max(s for _, s in rec.sizes) <= w.numel() // 4  # at most the selected slices
+
+
+def test_the_allocation_check_catches_a_weight_copy():
+    """The old formulation (a merged copy of W per call) is caught by the same recorder."""
+    g = torch.Generator().manual_seed(10)
+    heads, w, b, delta, db, x = _case(g, H=8, D=8, other=48, n_sel=2, by="rows", layout="linear", bias=True)
+    with _NewAllocations() as rec:
+        effective_weight(w, delta, SliceIndex(heads, 8, 8), by="rows")
+    assert any(s >= w.numel() for _, s in rec.sizes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("by", ["rows", "cols"])
+def test_equals_the_old_copy_based_formulation_bit_for_bit(by, layout, dtype):
+    """Forward and dX against the previous implementation (stock op / dY·W_eff on a merged
+    copy of W): the same GEMMs on the same values, so equal bit for bit in fp32 and bf16.
+    dΔ is computed by the same head_slice_grad call as before, so it is not re-checked here."""
+    g = torch.Generator().manual_seed(11)
+    heads, w, b, delta, db, x = _case(g, H=4, D=8, other=24, n_sel=2, by=by, layout=layout, bias=True, dtype=dtype)
+    idx = SliceIndex(heads, 8, 4)
+    y = head_slice_linear(x, w, b, delta, idx, by=by, layout=layout, delta_bias=db)
+    w_eff = effective_weight(w, delta, idx, by=by, layout=layout)
+    b_eff = effective_bias(b, db, idx) if db is not None else b
+    assert torch.equal(y, _stock(x.detach(), w_eff, b_eff, layout))
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    (dx,) = torch.autograd.grad(y, [x], dy)
+    w_oi = w_eff if layout == "linear" else w_eff.t()
+    assert torch.equal(dx, (dy.reshape(-1, dy.shape[-1]) @ w_oi).view(x.shape))
+
+
+def test_weight_is_restored_exactly_and_keeps_its_version():
+    g = torch.Generator().manual_seed(12)
+    heads, w, b, delta, db, x = _case(g, H=4, D=8, other=16, n_sel=2, by="rows", layout="conv1d", bias=True,
+                                      dtype=torch.bfloat16)
+    w0, version = w.clone(), w._version
+    # Two forwards before one backward: nothing saved for backward is invalidated.
+    y = head_slice_linear(x, w, b, delta, heads, 8, layout="conv1d", delta_bias=db)
+    y2 = head_slice_linear(x * 2, w, b, delta, heads, 8, layout="conv1d", delta_bias=db)
+    (y.float().sum() + y2.float().sum()).backward()
+    assert torch.equal(w, w0) and w._version == version
+    assert delta.grad is not None and torch.isfinite(delta.grad).all()
+
+
+def test_weight_is_restored_when_the_gemm_fails(monkeypatch):
+    g = torch.Generator().manual_seed(13)
+    heads, w, b, delta, db, x = _case(g, H=4, D=8, other=16, n_sel=2, by="cols", layout="linear", bias=False)
+    w0 = w.clone()
+
+    def boom(*a, **k):
+        raise RuntimeError("GEMM failed")
+
+    monkeypatch.setattr(library, "_project", boom)
+    with pytest.raises(RuntimeError, match="GEMM failed"):
+        head_slice_linear(x, w, None, delta, heads, 8, by="cols")
+    assert torch.equal(w, w0)
+
+
+def test_concurrent_calls_on_one_weight_stay_correct():
+    """Merges into one weight are serialised: threads see the right output, and the weight
+    is the original at the end."""
+    g = torch.Generator().manual_seed(14)
+    heads, w, b, delta, db, x = _case(g, H=4, D=8, other=16, n_sel=2, by="rows", layout="linear", bias=True)
+    w0 = w.clone()
+    with torch.no_grad():
+        want = head_slice_linear(x, w, b, delta, heads, 8, delta_bias=db)
+        idx = SliceIndex(heads, 8, 4)
+    bad = []
+
+    def work():
+        with torch.no_grad():
+            for _ in range(100):
+                if not torch.equal(head_slice_linear(x, w, b, delta, idx, delta_bias=db), want):
+                    bad.append(1)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad and torch.equal(w, w0)
