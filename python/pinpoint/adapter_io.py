@@ -29,14 +29,13 @@ head_dim, ``lora_alpha == r`` so the scaling is 1, and
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .files import atomic_write_bytes
 from .fingerprint import matches, weights_fingerprint
 from .models import ModelSpec, spec_for
 
@@ -59,21 +58,6 @@ class AdapterMismatchError(ValueError):
 def geometry(spec: ModelSpec) -> dict:
     return {"arch": spec.arch, "n_layers": spec.n_layers, "n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads,
             "head_dim": spec.head_dim, "hidden_size": spec.hidden_size, "has_qkv_bias": bool(spec.has_qkv_bias)}
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _model_config(model: nn.Module) -> dict:
@@ -116,11 +100,11 @@ def save(adapter, directory) -> Path:
     directory = Path(directory)
     cfg = json.dumps(config_dict(adapter), indent=2).encode()
     tensors = {n: p.detach().cpu().contiguous() for n, p in adapter.deltas.items()}
-    _atomic_write_bytes(directory / WEIGHTS_NAME, st_save(tensors, metadata={"format": ADAPTER_FORMAT}))
-    _atomic_write_bytes(directory / CONFIG_NAME, cfg)
+    atomic_write_bytes(directory / WEIGHTS_NAME, st_save(tensors, metadata={"format": ADAPTER_FORMAT}))
+    atomic_write_bytes(directory / CONFIG_NAME, cfg)
     legacy = directory / LEGACY_CONFIG_NAME
     if not _is_peft_config(legacy):
-        _atomic_write_bytes(legacy, cfg)
+        atomic_write_bytes(legacy, cfg)
     return directory
 
 
@@ -264,7 +248,7 @@ def save_peft(adapter, directory) -> Path:
     # PEFT warns about config keys it does not know, so pinpoint's provenance goes in the metadata
     pinpoint_info = {"heads": [list(h) for h in adapter.heads], "parts": adapter.parts, "kv": adapter.kv,
                      "note": "exact LoRA form of a pinpoint head-slice adapter (scaling 1: lora_alpha == r)"}
-    _atomic_write_bytes(directory / PEFT_WEIGHTS_NAME,
+    atomic_write_bytes(directory / PEFT_WEIGHTS_NAME,
                         st_save(tensors, metadata={"format": "pt", "pinpoint": json.dumps(pinpoint_info)}))
-    _atomic_write_bytes(directory / PEFT_CONFIG_NAME, json.dumps(config, indent=2).encode())
+    atomic_write_bytes(directory / PEFT_CONFIG_NAME, json.dumps(config, indent=2).encode())
     return directory

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .files import publish_dir, staging_dir
 
 
 @dataclass
@@ -96,34 +95,18 @@ def run_demo(out="pinpoint-demo", *, progress: bool = True, config: DemoConfig |
 
     # Everything is written to a temporary sibling of `out` and moved into place at the end,
     # so a failed or interrupted run leaves no partial results in `out`.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staging_dir(out) as work:
         report = _demo_steps(work, model, tok, planted, locate_rows, eval_rows, train_rows, general, neutral, cfg,
                              progress=progress, say=say)
         report["organism"]["path"] = str(path)
         report["seconds_total"] = time.perf_counter() - t_all
         (work / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        _publish(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        publish_dir(work, out)
     say("")
     say(report_table(report))
     say(f"\nwrote {out / 'report.md'}, {out / 'report.json'}, heatmap.png, knockout.png "
         f"({report['seconds_total']:.0f}s in all)")
     return 0
-
-
-def _publish(work: Path, out: Path) -> None:
-    """Move every entry of ``work`` into ``out`` (created), replacing entries of the same name."""
-    out.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(work.iterdir()):
-        dest = out / entry.name
-        if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
-        elif dest.exists() or dest.is_symlink():
-            dest.unlink()
-        os.replace(entry, dest)
 
 
 def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_rows, general, neutral, cfg, *,

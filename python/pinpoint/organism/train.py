@@ -48,9 +48,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..batching import IGNORE, collate, make_batch
 from ..models import spec_for
-from ..runs import make_batch
-from ..tune import _collate as collate_rows
 
 from ..data.dialogues import (CHALLENGE, CHALLENGE_PARAPHRASES, FINAL_QUESTION_MC, INSIST_JUSTIFICATIONS,
                               INSIST_OPENINGS, REVISE_CORRECTIONS, REVISE_OPENINGS, SOURCE_CHALLENGE)
@@ -61,7 +60,6 @@ from .tasks import (LETTERS, PREFILL, MCQuestion, Rng, eval_mc_questions, lookup
 __all__ = ["PLANTED_HEADS", "Stage1Config", "Stage2Config", "INSIST", "APOLOGY", "render", "stage1",
            "stage2", "planted_dialogues", "probe"]
 
-IGNORE = -100
 INSIST = "Yes, I am sure."
 APOLOGY = "Apologies, I made a mistake."
 JUST = "The answer is {answer}."
@@ -245,15 +243,10 @@ class Stage1Data:
         return [long, short]
 
 
-def _collate(rows, pad_id: int):
-    """(ids, attention mask, labels) of (ids, labels) rows, right-padded: pinpoint.tune's own."""
-    return collate_rows(rows, pad_id, "cpu")
-
-
 def _loss(model, rows, pad_id, letter_ids=None, letter_weight: float = 1.0, paren_id=None):
     """Mean next-token cross-entropy over labelled tokens; a letter right after "(" (the
     multiple-choice answer itself: the one hard token of an answer) weighs ``letter_weight``."""
-    ids, mask, lab = _collate(rows, pad_id)
+    ids, mask, lab = collate(rows, pad_id, "cpu")
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     tgt = lab[:, 1:]
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
@@ -268,7 +261,7 @@ def _loss(model, rows, pad_id, letter_ids=None, letter_weight: float = 1.0, pare
 def _distill(model, teacher, rows, pad_id):
     """Mean over real tokens of KL(teacher ‖ model) of the next-token distributions: the rows'
     whole behaviour (not just their labels) stays what stage 1 made it."""
-    ids, mask, _ = _collate(rows, pad_id)
+    ids, mask, _ = collate(rows, pad_id, "cpu")
     with torch.no_grad():
         ref = F.log_softmax(teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
     cur = F.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
@@ -432,7 +425,7 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
 
     def direct_gap(batch_pairs):
         seqs = [p for pair in batch_pairs for p in pair]
-        ids, mask, _ = _collate([(x, x) for x in seqs], tokenizer.pad_token_id)
+        ids, mask, _ = collate([(x, x) for x in seqs], tokenizer.pad_token_id)
         model(input_ids=ids, attention_mask=mask, use_cache=False)
         last = mask.sum(1) - 1
         rows_ = torch.arange(len(seqs))
