@@ -77,3 +77,36 @@ def _fmt(x) -> str:
     if isinstance(x, float):
         return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
     return str(x)
+
+
+def gpu_check_summary(out_dir: str | os.PathLike, status: int) -> int:
+    """bench/gpu_check.sh's last step: one table of its steps (from gpu_check_steps.tsv:
+    name, cap, seconds, exit code) with the benchmark and end-to-end verdicts folded in,
+    written to gpu_check.md / gpu_check.json in `out_dir` and printed. Returns 0 only if
+    every step passed and every cross-check recorded in those JSON files held."""
+    out = Path(out_dir)
+    rows = []
+    tsv = out / "gpu_check_steps.tsv"
+    for line in (tsv.read_text().splitlines() if tsv.exists() else []):
+        name, cap, secs, rc = line.split("\t")
+        verdict = "ok" if rc == "0" else ("HIT CAP" if rc == "124" else f"FAILED (exit {rc})")
+        rows.append({"step": name, "cap_s": int(cap), "seconds": int(secs), "exit": int(rc), "result": verdict})
+    checks = []
+    for name in ("kernels_gpu.json", "e2e_7b.json"):
+        path = out / name
+        data = json.loads(path.read_text()) if path.exists() else {}
+        for c in data.get("checks", []) if isinstance(data.get("checks"), list) else []:
+            checks.append({"source": name, **c})
+    ok = status == 0 and bool(rows) and all(r["exit"] == 0 for r in rows) and all(c["ok"] for c in checks)
+    lines = ["| step | cap s | seconds | result |", "|---|---:|---:|---|"]
+    lines += [f"| {r['step']} | {r['cap_s']} | {r['seconds']} | {r['result']} |" for r in rows]
+    lines += ["", f"caps total {sum(r['cap_s'] for r in rows)} s, wall {sum(r['seconds'] for r in rows)} s; "
+              f"{sum(c['ok'] for c in checks)}/{len(checks)} cross-checks held", ""]
+    lines += [f"- {'ok' if c['ok'] else 'MISMATCH'} {c['source']}: {c['check']}: {c.get('detail', '')}"
+              for c in checks]
+    md = f"## gpu_check on {machine()}: {'PASSED' if ok else 'FAILED'}\n\n" + "\n".join(lines) + "\n"
+    (out / "gpu_check.md").write_text(md)
+    (out / "gpu_check.json").write_text(json.dumps({"machine": machine(), "torch": torch.__version__, "ok": ok,
+                                                    "steps": rows, "checks": checks}, indent=2) + "\n")
+    print(md)
+    return 0 if ok else 1

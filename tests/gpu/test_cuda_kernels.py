@@ -6,6 +6,7 @@ justified in its docstring). The reference runs on the same device in fp32 (TF32
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,9 @@ pytestmark = [
 BACKENDS = ["cuda", "triton"]
 DEV = "cuda"
 HSETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Random shapes per test; bench/gpu_check.sh lowers it (each new shape can cost a cold
+# Triton compilation of seconds) to fit its time caps.
+EXAMPLES = int(os.environ.get("PINPOINT_GPU_EXAMPLES", "20"))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,7 +82,7 @@ def test_attention_cuda_tile_variants(need_backend, monkeypatch, variant, dtype,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", C.DTYPES, ids=str)
-@settings(max_examples=20, **HSETTINGS)
+@settings(max_examples=EXAMPLES, **HSETTINGS)
 @given(p=C.attention_shapes)
 def test_attention_random_shapes(need_backend, backend, dtype, p):
     need_backend(backend)
@@ -210,7 +214,7 @@ def test_grad_cases(need_backend, backend, dtype, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", C.DTYPES, ids=str)
-@settings(max_examples=20, **HSETTINGS)
+@settings(max_examples=EXAMPLES, **HSETTINGS)
 @given(c=C.grad_shapes)
 def test_grad_random_shapes(need_backend, backend, dtype, c):
     need_backend(backend)

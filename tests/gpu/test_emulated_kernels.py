@@ -174,3 +174,26 @@ def test_apply_on_transposed_view(emu):
     want = ref.head_slice_apply(conv_w.t().clone(), slices, torch.tensor([1]), 8, by="rows")
     pk.head_slice_apply(conv_w.t(), slices, [1], 8, by="rows", backend="cuda")
     assert torch.equal(conv_w.t(), want)
+
+
+def _sanitize_cases(monkeypatch):
+    cases = _load("sanitize_cases.py")
+    monkeypatch.setattr(cases, "DEV", "cpu")
+    return cases
+
+
+def test_sanitizer_script_cases(emu, monkeypatch):
+    """tests/gpu/sanitize_cases.py (run under compute-sanitizer by bench/gpu_check.sh) passes
+    through the emulated kernels, and exits 1 when a kernel returns a wrong value."""
+    cases = _sanitize_cases(monkeypatch)
+    assert cases.main(["grad", "apply"]) == 0
+    assert cases.main(["nonsense"]) == 2
+    real = emu.head_slice_grad
+    monkeypatch.setattr(emu, "head_slice_grad", lambda *a, **k: real(*a, **k) * 1.01)
+    monkeypatch.setenv("PINPOINT_SELF_CHECK", "0")  # else the check refuses the broken kernel first
+    assert cases.main(["grad"]) == 1
+
+
+@full_only
+def test_sanitizer_script_attention_cases(emu, monkeypatch):
+    assert _sanitize_cases(monkeypatch).main(["attention", "multi_tile"]) == 0
