@@ -315,3 +315,16 @@ def test_evaluate_choices(tok, tmp_path):
         evaluate_choices(model, tok, [])
     with pytest.raises(ValueError, match="chat template"):
         evaluate_choices(model, word_tokenizer(chat_template=None), rows, chat=True)
+
+
+def test_choices_report_save_writes_both_files(tmp_path):
+    from pinpoint.general import ChoicesReport
+
+    rep = ChoicesReport({"all": {"n": 1, "accuracy": 100.0, "accuracy_norm": 0.0}},
+                        [{"doc_id": 0, "question": "Où?", "correct": True}], {"chat": True})
+    paths = rep.save(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "choices_results.json").read_text())
+    assert saved == {"results": rep.results, "config": rep.config}
+    lines = (tmp_path / "new" / "choices_samples.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x) for x in lines] == rep.samples and "Où?" in lines[0]
+    assert set(paths) == {"results", "samples"} and not list((tmp_path / "new").glob(".*tmp"))

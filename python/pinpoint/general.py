@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .batching import input_device, length_batches, pad, pad_id
 from .chat import chat_ids
+from .files import atomic_write_json, atomic_write_text
 from .modes import eval_mode
 from .progress import progress as progress_bar
 
@@ -115,13 +116,11 @@ class ChoicesReport:
         return f"ChoicesReport(n={m['n']}, accuracy={m['accuracy']:.1f}, accuracy_norm={m['accuracy_norm']:.1f})"
 
     def save(self, out_dir) -> dict:
+        """Write ``choices_results.json`` and ``choices_samples.jsonl`` (each atomically) under ``out_dir``."""
         d = Path(out_dir)
-        d.mkdir(parents=True, exist_ok=True)
         res, smp = d / "choices_results.json", d / "choices_samples.jsonl"
-        res.write_text(json.dumps({"results": self.results, "config": self.config}, indent=2) + "\n", encoding="utf-8")
-        with open(smp, "w", encoding="utf-8") as f:
-            for s in self.samples:
-                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+        atomic_write_json(res, {"results": self.results, "config": self.config})
+        atomic_write_text(smp, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in self.samples))
         return {"results": str(res), "samples": str(smp)}
 
 
