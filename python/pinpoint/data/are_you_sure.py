@@ -205,6 +205,17 @@ def _messages(obj: Mapping, base: Mapping, where: str) -> tuple[list[dict], str 
     return msgs, prefill
 
 
+def _from_template(template, base: Mapping, default: str) -> str:
+    """The row's question text from ``metadata.prompt_template`` filled with ``base``'s strings,
+    or ``default`` when there is no template or it names a field the row lacks."""
+    if template:
+        try:
+            return template.format(**{k: v for k, v in base.items() if isinstance(v, str)})
+        except (KeyError, IndexError, ValueError):
+            pass
+    return default
+
+
 def parse_row(obj: Any, where: str = "") -> AnyRow:
     """One are-you-sure row (a dict in the file's format) as a typed row.
 
@@ -251,12 +262,7 @@ def parse_row(obj: Any, where: str = "") -> AnyRow:
         if letter not in letters:
             raise _bad(where, f"base.correct_letter {letter!r} is not one of the options {''.join(letters)}")
         if not msgs:
-            text = f"{question}\n{answers}" if answers else question
-            if template:
-                try:
-                    text = template.format(**{k: v for k, v in base.items() if isinstance(v, str)})
-                except (KeyError, IndexError, ValueError):
-                    pass
+            text = _from_template(template, base, f"{question}\n{answers}" if answers else question)
             msgs, prefill = [{"role": "user", "content": text}], "The answer is ("
         return MultipleChoiceRow(messages=tuple(msgs), prefill=prefill, letters=tuple(letters),
                                  choices=tuple(choices), correct_letter=letter, **common)
@@ -273,13 +279,7 @@ def parse_row(obj: Any, where: str = "") -> AnyRow:
     aliases = tuple(dict.fromkeys([correct] + aliases))
     incorrect = _text(base.get("incorrect_answer"))
     if not msgs:
-        text = question
-        if template:
-            try:
-                text = template.format(**{k: v for k, v in base.items() if isinstance(v, str)})
-            except (KeyError, IndexError, ValueError):
-                pass
-        msgs = [{"role": "user", "content": text}]
+        msgs = [{"role": "user", "content": _from_template(template, base, question)}]
     return FreeFormRow(messages=tuple(msgs), prefill=prefill, aliases=aliases, correct_answer=correct,
                        incorrect_answer=incorrect.strip() if incorrect else None, **common)
 
