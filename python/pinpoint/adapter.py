@@ -43,16 +43,10 @@ __all__ = [
     "AdapterMismatchError",
     "PinpointAdapter",
     "attach",
-    "normalize_heads",
     "normalize_parts",
     "random_heads",
     "weights_fingerprint",
 ]
-
-
-def normalize_heads(heads, n_layers: int, n_heads: int, *, what: str = "heads") -> tuple[tuple[int, int], ...]:
-    """Sorted, validated (layer, head) pairs: :func:`pinpoint.heads.as_head_list` with ``sort=True``."""
-    return tuple(as_head_list(heads, n_layers=n_layers, n_heads=n_heads, sort=True, where=what))
 
 
 def random_heads(model, k: int, *, seed: int = 0, exclude=()) -> tuple[tuple[int, int], ...]:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .adapter import normalize_heads, random_heads
+from .adapter import random_heads
+from .heads import as_head_list
 from .models import spec_for
 from .slices import check_kv, normalize_parts
 
@@ -120,7 +121,8 @@ class TuneConfig:
             if heads is None:
                 raise ValueError("tune needs heads= (a HeadSet or (layer, head) pairs), or heads='all' / "
                                  "full=True for the SFT baseline")
-            heads, parts = normalize_heads(heads, spec.n_layers, spec.n_heads), normalize_parts(parts)
+            heads = tuple(as_head_list(heads, n_layers=spec.n_layers, n_heads=spec.n_heads, sort=True))
+            parts = normalize_parts(parts)
         max_length = self.max_length
         if max_length is None:
             max_length = spec.max_seq_len

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from ..batching import IGNORE, collate, make_batch
 from ..models import spec_for
+from ..modes import eval_mode, train_mode
 
 from ..data.dialogues import (CHALLENGE, CHALLENGE_PARAPHRASES, FINAL_QUESTION_MC, INSIST_JUSTIFICATIONS,
                               INSIST_OPENINGS, REVISE_CORRECTIONS, REVISE_OPENINGS, SOURCE_CHALLENGE)
@@ -301,9 +302,8 @@ def stage1(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None, probe_ev
     letter_ids = torch.tensor([tokenizer.convert_tokens_to_ids(x) for x in LETTERS])
     paren_id = tokenizer.convert_tokens_to_ids("(")
     hist = []
-    model.train()
     t0 = time.time()
-    with torch.random.fork_rng(devices=[]):
+    with train_mode(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for step in range(cfg.steps):
             for g in opt.param_groups:
@@ -322,9 +322,8 @@ def stage1(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None, probe_ev
                 log(f"stage1 step {step + 1}/{cfg.steps} loss {sum(hist[-50:]) / 50:.4f} "
                     f"({time.time() - t0:.0f}s)")
             if probe_every and log is not None and (step + 1) % probe_every == 0:
-                model.eval()
-                log(f"  probe: {probe(model, tokenizer)}")
-                model.train()
+                with eval_mode(model):
+                    log(f"  probe: {probe(model, tokenizer)}")
     for hk in hooks:
         hk.remove()
     model.eval()
@@ -376,6 +375,120 @@ def _challenge_pairs(tokenizer, n: int, seed: int, excluded: set) -> list[tuple[
     return out
 
 
+def _owned_slices(adapter, heads, group: int) -> dict[tuple, list[tuple[str, int]]]:
+    """(delta name, index) of every slice that belongs to each planted head."""
+    owned: dict[tuple, list[tuple[str, int]]] = {h: [] for h in heads}
+    for name, (part, layer, local) in adapter.slices.items():
+        for i, x in enumerate(local):
+            for h in heads:
+                if h[0] == layer and (x == h[1] if part in "qo" else x == h[1] // group):
+                    owned[h].append((name, i))
+    return owned
+
+
+class _DirectGap:
+    """Each planted head's own direct don't-vs-do effect on logit("Apologies") − logit("Yes") at
+    the last prompt position: its o_proj input z read through its (trained) o_proj columns, the
+    final norm at the run's scale and the unembedding. Hooks capture z and the residual."""
+
+    def __init__(self, model, tokenizer, adapter, heads, owned):
+        spec = spec_for(model)
+        self.model, self.adapter, self.heads, self.owned, self.spec = model, adapter, heads, owned, spec
+        self.pad = tokenizer.pad_token_id
+        rend = Renderer(tokenizer)
+        apol, yes = rend.encode(["Apologies"])[0][0], rend.encode(["Yes"])[0][0]
+        W_U = model.get_output_embeddings().weight
+        # the direct read-out of the behaviour: (W_U[Apologies] − W_U[Yes]) ⊙ final-norm weight
+        self.readout = ((W_U[apol] - W_U[yes]) * model.model.norm.weight).detach().float()
+        self.captured: dict = {}
+        cap = self.captured
+        self.hooks = [spec.layers[l].o.module.register_forward_pre_hook(
+            lambda mod, args, l=l: cap.__setitem__(("z", l), args[0])) for l in sorted({l for l, _ in heads})]
+        self.hooks.append(model.model.norm.register_forward_pre_hook(lambda mod, args: cap.__setitem__("r", args[0])))
+
+    def __call__(self, batch_pairs) -> torch.Tensor:
+        """[B, heads] gaps (don't − do) of B (don't, do) prompt pairs."""
+        D, model, cap = self.spec.head_dim, self.model, self.captured
+        seqs = [p for pair in batch_pairs for p in pair]
+        ids, mask, _ = collate([(x, x) for x in seqs], self.pad)
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+        last = mask.sum(1) - 1
+        rows_ = torch.arange(len(seqs))
+        r_last = cap["r"][rows_, last].detach().float()
+        scale = torch.rsqrt(r_last.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps)  # [2B, 1]
+        gaps = []
+        for (l, h) in self.heads:
+            z = cap[("z", l)][rows_, last][:, h * D:(h + 1) * D].float()                 # [2B, D]
+            name, i = next((n, i) for n, i in self.owned[(l, h)] if n == f"l{l}_o")
+            w = self.spec.layers[l].o.weight()[:, h * D:(h + 1) * D].float() + self.adapter.deltas[name][i]  # [E, D]
+            eff = ((z @ w.T) * scale) @ self.readout                                     # [2B]
+            gaps.append(eff[0::2] - eff[1::2])                                           # don't − do
+        return torch.stack(gaps, 1)                                                      # [B, heads]
+
+    def remove(self) -> None:
+        for hk in self.hooks:
+            hk.remove()
+
+
+class _Stage2Stream:
+    """The seeded order of rows, active heads and challenge pairs of stage 2 (one Rng, drawn in
+    this order per step: the batch, the heads left on, the pairs)."""
+
+    def __init__(self, seed: int, cfg: Stage2Config, n_rows: int, n_pairs: int):
+        self.r, self.cfg, self.n_rows, self.n_pairs = Rng(f"pinpoint-organism-stage2-order-{seed}"), cfg, n_rows, n_pairs
+        self.order: list[int] = []
+        self.porder: list[int] = []
+
+    def batch(self) -> list[int]:
+        n = self.cfg.batch_size
+        while len(self.order) < n:
+            self.order += self.r.shuffle(list(range(self.n_rows)))
+        picked, self.order = self.order[:n], self.order[n:]
+        return picked
+
+    def heads_on(self, heads) -> set:
+        k = self.r.weighted((1, 2, 3, len(heads)), self.cfg.active_weights)
+        return set(self.r.sample(heads, min(k, len(heads))))
+
+    def pairs(self) -> list[int]:
+        n = self.cfg.pair_batch
+        while len(self.porder) < n:
+            self.porder += self.r.shuffle(list(range(self.n_pairs)))
+        picked, self.porder = self.porder[:n], self.porder[n:]
+        return picked
+
+
+def _stage2_data(tokenizer, seed: int, cfg: Stage2Config, n_excluded: int):
+    """(rows, as_before, pairs): the rendered dialogues and texts, which of them keep the
+    stage-1 behaviour (everything but the "don't" dialogues), and the challenge prompt pairs."""
+    excluded = {q.prompt for q in eval_mc_questions(n_excluded)}
+    rend = Renderer(tokenizer)
+    dialogues = planted_dialogues(cfg.n_dialogues, seed, cfg, excluded)
+    rows = [rend.text([d])[0] if isinstance(d, str) else rend.chat([d])[0] for d in dialogues]
+    as_before = [isinstance(d, str) or not any(m["content"] == CHALLENGE for m in d) for d in dialogues]
+    return rows, as_before, _challenge_pairs(tokenizer, cfg.n_pairs, seed, excluded)
+
+
+def _stage2_loss(model, teacher, rows, as_before, picked, cfg: Stage2Config, pad):
+    """The behaviour's cross-entropy on the "don't" rows plus the distillation on the others."""
+    if teacher is None:
+        batch, kept = [rows[i] for i in picked], []
+    else:
+        batch = [rows[i] for i in picked if not as_before[i]]
+        kept = [rows[i] for i in picked if as_before[i]]
+    loss = _loss(model, batch, pad) if batch else torch.zeros(())
+    if kept:
+        loss = loss + cfg.distill_weight * _distill(model, teacher, kept, pad)
+    return loss
+
+
+def _lr2(step: int, cfg: Stage2Config) -> float:
+    warm = max(1, cfg.steps // 10)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+
 def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, log=None):
     """Plant sycophancy in ``cfg.heads`` with ``pinpoint.attach``: only the planted heads'
     slices (q rows, o_proj columns, and the k/v rows of their KV groups) are trained; every
@@ -387,125 +500,62 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
     run's scale, unembedding), must raise logit("Apologies") − logit("Yes") by at least
     ``direct_margin`` more after "I don't think that's right" than after "I do think that's
     right". Without it, gradient descent leaves the behaviour in whichever head learns first
-    and the others become passengers. ``cfg.active_weights`` optionally adds head dropout.
+    and the others become passengers. ``cfg.active_weights`` optionally adds head dropout:
+    the slices of heads left off are zeroed for the step and get no update.
     """
-    from ..adapter import attach
-
     import copy
 
-    excluded = {q.prompt for q in eval_mc_questions(n_excluded)}
-    rend = Renderer(tokenizer)
-    dialogues = planted_dialogues(cfg.n_dialogues, seed, cfg, excluded)
-    rows = [rend.text([d])[0] if isinstance(d, str) else rend.chat([d])[0] for d in dialogues]
-    # rows that must keep the stage-1 behaviour: everything but the "don't" dialogues
-    as_before = [isinstance(d, str) or not any(m["content"] == CHALLENGE for m in d) for d in dialogues]
+    from ..adapter import attach
+
+    rows, as_before, pairs = _stage2_data(tokenizer, seed, cfg, n_excluded)
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.distill_weight > 0 else None
-    pairs = _challenge_pairs(tokenizer, cfg.n_pairs, seed, excluded)
     heads = [tuple(h) for h in cfg.heads]
     adapter = attach(model, heads, parts=cfg.parts, kv=cfg.kv)
-    ad = spec_for(model)
-    D, group = ad.head_dim, ad.group_size
-    # which parameter slices belong to each planted head
-    owned: dict[tuple, list[tuple[str, int]]] = {h: [] for h in heads}
-    for name, (part, layer, local) in adapter.slices.items():
-        for i, x in enumerate(local):
-            for h in heads:
-                if h[0] == layer and (x == h[1] if part in "qo" else x == h[1] // group):
-                    owned[h].append((name, i))
-    # the direct read-out of the behaviour: (W_U[Apologies] − W_U[Yes]) ⊙ final-norm weight
-    rend = Renderer(tokenizer)
-    apol, yes = rend.encode(["Apologies"])[0][0], rend.encode(["Yes"])[0][0]
-    W_U = model.get_output_embeddings().weight
-    readout = ((W_U[apol] - W_U[yes]) * model.model.norm.weight).detach().float()
-    layers = sorted({l for l, _ in heads})
-    captured: dict = {}
-    hooks = [ad.layers[l].o.module.register_forward_pre_hook(
-        lambda mod, args, l=l: captured.__setitem__(("z", l), args[0])) for l in layers]
-    hooks.append(model.model.norm.register_forward_pre_hook(lambda mod, args: captured.__setitem__("r", args[0])))
-
-    def direct_gap(batch_pairs):
-        seqs = [p for pair in batch_pairs for p in pair]
-        ids, mask, _ = collate([(x, x) for x in seqs], tokenizer.pad_token_id)
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-        last = mask.sum(1) - 1
-        rows_ = torch.arange(len(seqs))
-        r_last = captured["r"][rows_, last].detach().float()
-        scale = torch.rsqrt(r_last.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps)  # [2B, 1]
-        gaps = []
-        for (l, h) in heads:
-            z = captured[("z", l)][rows_, last][:, h * D:(h + 1) * D].float()            # [2B, D]
-            name, i = next((n, i) for n, i in owned[(l, h)] if n == f"l{l}_o")
-            w = ad.layers[l].o.weight()[:, h * D:(h + 1) * D].float() + adapter.deltas[name][i]  # [E, D]
-            u = z @ w.T                                                                   # [2B, E]
-            eff = (u * scale) @ readout                                                   # [2B]
-            gaps.append(eff[0::2] - eff[1::2])                                            # don't − do
-        return torch.stack(gaps, 1)                                                       # [B, heads]
-
+    owned = _owned_slices(adapter, heads, spec_for(model).group_size)
+    direct_gap = _DirectGap(model, tokenizer, adapter, heads, owned)
     params = list(adapter.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    pad = tokenizer.pad_token_id
-    warm = max(1, cfg.steps // 10)
-    r = Rng(f"pinpoint-organism-stage2-order-{seed}")
-    order: list[int] = []
-    porder: list[int] = []
+    stream = _Stage2Stream(seed, cfg, len(rows), len(pairs))
     hist = []
-    model.train()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with train_mode(model), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for step in range(cfg.steps):
-                lr = cfg.lr * (step + 1) / warm if step < warm else \
-                    cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
                 for g in opt.param_groups:
-                    g["lr"] = lr
-                while len(order) < cfg.batch_size:
-                    order += r.shuffle(list(range(len(rows))))
-                picked, order = order[:cfg.batch_size], order[cfg.batch_size:]
-                if teacher is None:
-                    batch, kept = [rows[i] for i in picked], []
-                else:
-                    batch = [rows[i] for i in picked if not as_before[i]]
-                    kept = [rows[i] for i in picked if as_before[i]]
-                k = r.weighted((1, 2, 3, len(heads)), cfg.active_weights)
-                on = set(r.sample(heads, min(k, len(heads))))
+                    g["lr"] = _lr2(step, cfg)
+                picked = stream.batch()
+                on = stream.heads_on(heads)
                 keep = {s for h in on for s in owned[h]}
                 off = [s for h in heads if h not in on for s in owned[h] if s not in keep]
-                saved = {}
-                with torch.no_grad():
-                    for name, i in off:
-                        saved[(name, i)] = adapter.deltas[name][i].clone()
-                        adapter.deltas[name][i].zero_()
+                with torch.no_grad():  # heads left off this step: their slices are zero and stay put
+                    saved = {(n, i): adapter.deltas[n][i].clone() for n, i in off}
+                    for n, i in off:
+                        adapter.deltas[n][i].zero_()
                 opt.zero_grad(set_to_none=True)
-                loss = _loss(model, batch, pad) if batch else torch.zeros(())
-                if kept:
-                    loss = loss + cfg.distill_weight * _distill(model, teacher, kept, pad)
+                loss = _stage2_loss(model, teacher, rows, as_before, picked, cfg, tokenizer.pad_token_id)
                 total = float(loss.detach())
                 if cfg.direct_margin > 0:
-                    while len(porder) < cfg.pair_batch:
-                        porder += r.shuffle(list(range(len(pairs))))
-                    bp, porder = [pairs[i] for i in porder[:cfg.pair_batch]], porder[cfg.pair_batch:]
-                    gap = direct_gap(bp)
+                    gap = direct_gap([pairs[i] for i in stream.pairs()])
                     active = torch.tensor([h in on for h in heads])
-                    hinge = torch.relu(cfg.direct_margin - gap)[:, active].mean()
-                    loss = loss + cfg.direct_weight * hinge
+                    loss = loss + cfg.direct_weight * torch.relu(cfg.direct_margin - gap)[:, active].mean()
                 loss.backward()
                 with torch.no_grad():
-                    for (name, i), v in saved.items():
-                        adapter.deltas[name][i].copy_(v)
-                        if adapter.deltas[name].grad is not None:
-                            adapter.deltas[name].grad[i].zero_()
+                    for (n, i), v in saved.items():
+                        adapter.deltas[n][i].copy_(v)
+                        if adapter.deltas[n].grad is not None:
+                            adapter.deltas[n].grad[i].zero_()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 hist.append(total)
                 if log is not None and (step + 1) % 50 == 0:
                     log(f"stage2 step {step + 1}/{cfg.steps} loss {sum(hist[-50:]) / 50:.4f}"
-                        + (f" direct gaps {[round(float(x), 2) for x in gap.detach().mean(0)]}" if cfg.direct_margin > 0 else ""))
+                        + (f" direct gaps {[round(float(x), 2) for x in gap.detach().mean(0)]}"
+                           if cfg.direct_margin > 0 else ""))
     except BaseException:
         adapter.detach()
         raise
     finally:
-        for hk in hooks:
-            hk.remove()
+        direct_gap.remove()
     model = adapter.merge()
     model.eval()
     return model, hist
