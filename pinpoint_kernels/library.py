@@ -167,14 +167,18 @@ def merged_weight(weight: Tensor, delta: Tensor, heads: Tensor, head_dim: int, b
     and work on the same weight queued on another CUDA stream is not ordered with it.
     """
     blocks, dim = _head_blocks(weight.data, head_dim, by, layout)
+    # A weight made under inference_mode can only be written to inside it.
+    writing = torch.inference_mode if weight.is_inference() else contextlib.nullcontext
     with _MERGE_LOCK:
         original = blocks.index_select(dim, heads)
         _, apply = backends.resolve("head_slice_apply", weight.device)
         try:
-            apply(_oi(weight.data, layout), delta.detach().contiguous(), heads, head_dim, by=by, alpha=1.0)
+            with writing():
+                apply(_oi(weight.data, layout), delta.detach().contiguous(), heads, head_dim, by=by, alpha=1.0)
             yield weight
         finally:
-            blocks.index_copy_(dim, heads, original)
+            with writing():
+                blocks.index_copy_(dim, heads, original)
 
 
 def _merged_bias(bias: Tensor, delta_bias: Tensor, heads: Tensor, head_dim: int) -> Tensor:

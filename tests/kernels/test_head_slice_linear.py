@@ -329,3 +329,18 @@ def test_concurrent_calls_on_one_weight_stay_correct():
     for t in threads:
         t.join()
     assert not bad and torch.equal(w, w0)
+
+
+def test_weight_made_under_inference_mode():
+    """A model loaded under torch.inference_mode has inference-tensor weights, which may be
+    written only inside inference mode: the temporary merge handles both cases."""
+    g = torch.Generator().manual_seed(15)
+    heads, w, b, delta, db, x = _case(g, H=4, D=8, other=16, n_sel=2, by="rows", layout="linear", bias=False)
+    with torch.inference_mode():
+        wi = w.clone()
+    w0 = w.clone()
+    want = head_slice_linear(x, w, None, delta, heads, 8).detach()
+    assert torch.equal(head_slice_linear(x.detach(), wi, None, delta.detach(), heads, 8), want)
+    with torch.inference_mode():
+        assert torch.equal(head_slice_linear(x, wi, None, delta, heads, 8), want)
+    assert torch.equal(wi, w0)
