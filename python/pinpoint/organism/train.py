@@ -439,11 +439,14 @@ class _Stage2Stream:
         self.order: list[int] = []
         self.porder: list[int] = []
 
+    def _take(self, order: list[int], n: int, total: int) -> tuple[list[int], list[int]]:
+        """The next ``n`` of a stream of seeded permutations of range(total), and the rest."""
+        while len(order) < n:
+            order = order + self.r.shuffle(list(range(total)))
+        return order[:n], order[n:]
+
     def batch(self) -> list[int]:
-        n = self.cfg.batch_size
-        while len(self.order) < n:
-            self.order += self.r.shuffle(list(range(self.n_rows)))
-        picked, self.order = self.order[:n], self.order[n:]
+        picked, self.order = self._take(self.order, self.cfg.batch_size, self.n_rows)
         return picked
 
     def heads_on(self, heads) -> set:
@@ -451,10 +454,7 @@ class _Stage2Stream:
         return set(self.r.sample(heads, min(k, len(heads))))
 
     def pairs(self) -> list[int]:
-        n = self.cfg.pair_batch
-        while len(self.porder) < n:
-            self.porder += self.r.shuffle(list(range(self.n_pairs)))
-        picked, self.porder = self.porder[:n], self.porder[n:]
+        picked, self.porder = self._take(self.porder, self.cfg.pair_batch, self.n_pairs)
         return picked
 
 
