@@ -177,10 +177,14 @@ class EvalReport:
         return {"results": self.results, "config": self.config, "versions": self.versions,
                 "n-samples": {k: v["n"] for k, v in self.results.items()}, "date": self.date}
 
-    def table(self, file=sys.stdout) -> str:
+    def table(self, file=...) -> str:
         """The metrics as an aligned text table, one line per dataset then "all", each rate
-        with its 95 % Wilson interval in brackets; printed to ``file`` (None: only returned)."""
+        with its 95 % Wilson interval in brackets; printed to ``file`` (default: the current
+        ``sys.stdout``, looked up at call time; None: only returned)."""
         from .stats import format_rate
+
+        if file is ...:
+            file = sys.stdout
 
         head = ["dataset"] + [h for _, h in _COLUMNS]
         keys = [k for k in self.results if k != "all"] + ["all"]

@@ -45,7 +45,8 @@ EXAMPLES = {
     "compare": """examples:
   pinpoint compare runs/eval-original runs/eval-spt runs/eval-sft --csv runs/compare.csv""",
     "export": """examples:
-  pinpoint export --model DIR --adapter runs/spt/adapter --out runs/spt-merged""",
+  pinpoint export --model DIR --adapter runs/spt/adapter --out runs/spt-merged
+  pinpoint export --model DIR --adapter runs/spt/adapter --out runs/spt-lora --peft   # PeftModel / vLLM LoRA""",
     "demo": """examples:
   pinpoint demo                 # the whole story on the embedded model organism, a few minutes on 2 cores
   pinpoint demo --out my-demo --quiet --threads 1

@@ -255,26 +255,41 @@ def load_heads(path: str | None, k: int | None, model):
     return heads
 
 
-def is_full_model_dir(path: Path) -> bool:
-    """A saved transformers model (e.g. ``tune --full``'s ``model/``), not a pinpoint adapter."""
-    from ..adapter import CONFIG_NAME
+def directory_kind(path: Path) -> str:
+    """What a directory given as ``--adapter`` holds: "pinpoint" (a pinpoint adapter), "peft"
+    (a PEFT adapter, e.g. from ``export --peft``), "model" (a saved transformers model, e.g.
+    ``tune --full``'s ``model/``) or "none"."""
+    from ..adapter_io import CONFIG_NAME, LEGACY_CONFIG_NAME
 
-    return (path / "config.json").is_file() and not (path / CONFIG_NAME).is_file()
+    if (path / CONFIG_NAME).is_file():
+        return "pinpoint"
+    if (path / LEGACY_CONFIG_NAME).is_file():  # PEFT's file name, which pinpoint's config once had
+        try:
+            peft = "peft_type" in json.loads((path / LEGACY_CONFIG_NAME).read_text())
+        except (OSError, ValueError):
+            peft = False
+        return "peft" if peft else "pinpoint"
+    return "model" if (path / "config.json").is_file() else "none"
 
 
-def apply_adapter(model, path: str, *, check_fingerprint: bool = True):
-    """``--adapter DIR`` loaded onto ``model`` and merged; returns the merged model."""
-    from ..adapter import CONFIG_NAME, AdapterMismatchError, PinpointAdapter
+def load_adapter(model, path: str, *, check_fingerprint: bool = True):
+    """``--adapter DIR`` attached to ``model`` (a :class:`PinpointAdapter`, not merged)."""
+    from ..adapter import PinpointAdapter
+    from ..adapter_io import CONFIG_NAME, AdapterMismatchError
 
     p = Path(path)
     if not p.exists():
         raise UserError(f"--adapter {path}: no such directory")
     if not p.is_dir():
         raise UserError(f"--adapter {path} is a file; pass the adapter directory (tune's --out/adapter)")
-    if not (p / CONFIG_NAME).is_file():
+    kind = directory_kind(p)
+    if kind == "peft":
+        raise UserError(f"--adapter {path} holds a PEFT adapter, not a pinpoint one; pass tune's --out/adapter (load "
+                        "a PEFT adapter with peft.PeftModel.from_pretrained)")
+    if kind != "pinpoint":
         raise UserError(f"--adapter {path}: no pinpoint adapter there ({CONFIG_NAME} is missing)")
     try:
-        return PinpointAdapter.load(p, model, check_fingerprint=check_fingerprint).merge()
+        return PinpointAdapter.load(p, model, check_fingerprint=check_fingerprint)
     except AdapterMismatchError as exc:
         msg = str(exc).replace("pass check_fingerprint=False", "pass --no-fingerprint-check")
         raise UserError(f"--adapter {path}: {msg}") from None

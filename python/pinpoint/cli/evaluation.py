@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..outdir import OutDir
-from .common import apply_adapter, check_file, check_model_dir, is_full_model_dir, load_model, load_rows, positive_int
+from .common import check_file, check_model_dir, directory_kind, load_adapter, load_model, load_rows, positive_int
 
 
 def _check_eval_flags(args) -> None:
@@ -46,14 +46,14 @@ def _load_texts(path: str) -> list[str]:
 def _eval_model(args):
     """(model, tokenizer) to evaluate: --model with --adapter merged in, or the full model an
     --adapter path turns out to hold."""
-    if args.adapter is not None and is_full_model_dir(Path(args.adapter)):
+    if args.adapter is not None and directory_kind(Path(args.adapter)) == "model":
         print(f"note: --adapter {args.adapter} is a full model (e.g. tune --full's model/), not an adapter; "
               "evaluating it in place of --model")
         return load_model(args.adapter, device=args.device, dtype=args.dtype, chat_template=args.chat_template,
                           flag="--adapter")
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype, chat_template=args.chat_template)
     if args.adapter is not None:
-        model = apply_adapter(model, args.adapter, check_fingerprint=not args.no_fingerprint_check)
+        model = load_adapter(model, args.adapter, check_fingerprint=not args.no_fingerprint_check).merge()
     return model, tok
 
 
@@ -154,11 +154,14 @@ def _run_row(run: str) -> dict:
     return row
 
 
+_COLUMNS = (("run", "run"), ("kind", "kind"), ("n", "n"), *_RATES, ("general", "general acc"), ("kl", "KL"),
+            ("k", "k"), ("lr", "lr"), ("steps", "steps"), ("final_loss", "loss"), ("trainable_params", "trainable"))
+_INTERVALS = {k for k, _ in _RATES} | {"general"}
+
+
 def _columns(rows: list[dict]) -> list[tuple[str, str]]:
-    cols = [("run", "run"), ("kind", "kind"), ("n", "n"), *_RATES, ("general", "general acc"), ("kl", "KL"),
-            ("k", "k"), ("lr", "lr"), ("steps", "steps"), ("final_loss", "loss"),
-            ("trainable_params", "trainable")]
-    return [c for c in cols if any(r.get(c[0]) is not None for r in rows)]
+    """The table's columns: those with a value in some run."""
+    return [c for c in _COLUMNS if any(r.get(c[0]) is not None for r in rows)]
 
 
 def _cell(row: dict, key: str) -> str:
@@ -187,13 +190,11 @@ def compare_table(rows: list[dict]) -> str:
 
 
 def compare_csv(rows: list[dict]) -> str:
-    """The same as CSV: one row per run, each interval as two columns (…_ci95_low/high)."""
-    cols = [k for k, _ in _columns(rows)]
+    """The same as CSV: one row per run, every column (empty where a run has no value), each
+    interval as two columns (…_ci95_low/high)."""
     header = []
-    for k in cols:
-        header.append(k)
-        if any(f"{k}_ci95" in r for r in rows):
-            header += [f"{k}_ci95_low", f"{k}_ci95_high"]
+    for k, _ in _COLUMNS:
+        header += [k, f"{k}_ci95_low", f"{k}_ci95_high"] if k in _INTERVALS else [k]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..outdir import OutDir
-from .common import (apply_adapter, is_full_model_dir, load_heads, load_model, load_rows, nonnegative_float,
+from .common import (directory_kind, load_adapter, load_heads, load_model, load_rows, nonnegative_float,
                      parts_letters, positive_float, positive_int)
 
 
@@ -125,17 +125,26 @@ def _summary(args, heads, result, n_dialogues: int, seconds: float) -> dict:
 
 
 def run_export(args) -> int:
+    """The adapter as a merged transformers model (with the tokenizer), or with --peft as a
+    PEFT LoRA adapter that ``PeftModel.from_pretrained(base, dir)`` loads exactly."""
     out = OutDir(args.out, command="export", overwrite=args.overwrite)
     out.check()
-    if Path(args.adapter).is_dir() and is_full_model_dir(Path(args.adapter)):
+    if Path(args.adapter).is_dir() and directory_kind(Path(args.adapter)) == "model":
         raise UserError(f"--adapter {args.adapter} is a full model (tune --full), not an adapter; it is already "
                         "a plain transformers directory")
     model, tok = load_model(args.model, device="cpu", dtype=args.dtype, chat_template=args.chat_template)
-    merged = apply_adapter(model, args.adapter, check_fingerprint=not args.no_fingerprint_check)
+    adapter = load_adapter(model, args.adapter, check_fingerprint=not args.no_fingerprint_check)
     with out.open() as stage:
-        merged.save_pretrained(stage)
-        tok.save_pretrained(stage)
-    print(f"wrote {out.path}: the merged model with its tokenizer (load it with AutoModelForCausalLM)")
+        if args.peft:
+            adapter.save_peft(stage)
+        else:
+            adapter.merge().save_pretrained(stage)
+            tok.save_pretrained(stage)
+    if args.peft:
+        print(f"wrote {out.path}: a PEFT LoRA adapter (peft.PeftModel.from_pretrained(base model, "
+              f"\"{out.path}\"); its base is --model {args.model})")
+    else:
+        print(f"wrote {out.path}: the merged model with its tokenizer (load it with AutoModelForCausalLM)")
     return 0
 
 
@@ -156,8 +165,11 @@ def add_parsers(cmd, common) -> None:
     p.add_argument("--allow-benchmark-rows", action="store_true",
                    help="train on rows of SycophancyEval's datasets (refused by default: it is the benchmark)")
 
-    p = cmd("export", "write a tuned model in a standard format (the merged transformers model)", run_export)
+    p = cmd("export", "write a tuned adapter in a standard format: the merged transformers model, or a PEFT "
+            "LoRA adapter (--peft)", run_export)
     common(p, data=False)
     p.add_argument("--adapter", required=True, metavar="DIR", help="a saved pinpoint adapter (tune's --out/adapter)")
     p.add_argument("--no-fingerprint-check", action="store_true",
                    help="apply the adapter even if --model's weights differ from those it was trained on")
+    p.add_argument("--peft", action="store_true", help="write a PEFT LoRA adapter (adapter_config.json + "
+                   "adapter_model.safetensors; exact) instead of the merged model")
