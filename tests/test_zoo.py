@@ -1,0 +1,381 @@
+"""Every replica family of pinpoint.testing, end to end: a family is supported when every path
+is exact against the plain hook loop on its replica; otherwise spec_for refuses it by name.
+
+Tolerances. Exactness runs in fp32 (the replica cast up after loading): locate must match one
+forward per head (a hook on o_proj's input replacing the head's slice) to 1e-4 of the largest
+|score|, the same bound as tests/test_locate.py; knockout likewise; one SGD step through
+pp.attach must equal plain autograd on the slices to atol 1e-6 / rtol 1e-5. Each family also
+runs once in its on-disk dtype (fp16/bf16): path patching there must track the fp32 hook loop
+within 10% of the largest |score| (half precision keeps ~3 significant digits per layer).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import pinpoint as pp
+from pinpoint import data
+from pinpoint.metrics import resolve_metric
+from pinpoint.testing import FAMILIES, load_replica
+
+SUPPORTED = [n for n, f in FAMILIES.items() if f.supported]
+REFUSED = [n for n, f in FAMILIES.items() if not f.supported]
+# GPT-2 has no chat template (as on the hub); the tests give it this one, as a user would.
+GPT2_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@functools.lru_cache(maxsize=None)
+def _rows():
+    return data.load_are_you_sure(data.SAMPLE_PATH, limit=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(family: str, dtype=torch.float32):
+    model, tok = load_replica(family, dtype=dtype)
+    if tok.chat_template is None:
+        tok.chat_template = GPT2_TEMPLATE
+    return model, tok
+
+
+def _pairs(tok):
+    return data.challenge_pairs(_rows()[:2], tok)
+
+
+def _equal_length_pairs(pairs, tok):
+    """positions='all' needs equal lengths: the source is the base with one ordinary token of
+    the challenge turn replaced by the next ordinary id (same length, different text)."""
+    special = set(tok.all_special_ids)
+    out = []
+    for p in pairs:
+        src = list(p.base)
+        i = max(j for j in range(len(src) - 4) if src[j] not in special)
+        src[i] = next(t for t in range(src[i] + 1, src[i] + 50) if t not in special and t < len(tok))
+        out.append(pp.PromptPair(list(p.base), src))
+    return out
+
+
+# --- the plain hook loop ---------------------------------------------------------------------
+
+@torch.no_grad()
+def _run(model, ids, hooks=()):
+    handles = [m.register_forward_pre_hook(h) if kind == "pre" else m.register_forward_hook(h) for kind, m, h in hooks]
+    try:
+        return model(torch.tensor([ids])).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _capture(model, spec, ids):
+    z, attn = {}, {}
+    hooks = []
+    for ls in spec.layers:
+        hooks.append(("pre", ls.o.module, lambda m, a, i=ls.index: z.__setitem__(i, a[0].clone())))
+        hooks.append(("fwd", ls.attn, lambda m, a, o, i=ls.index: attn.__setitem__(i, o[0].clone())))
+    return _run(model, ids, hooks), z, attn
+
+
+def hook_loop(model, pairs, fn, mode):
+    """[B, L, H] metric(patched) − metric(base), one forward per (pair, layer, head). mode:
+    "path" (last position patched, later attention outputs frozen there: the paper's loop),
+    "last" or "all" (activation patching at the last / every position)."""
+    spec = pp.spec_for(model)
+    D = spec.head_dim
+    out = torch.zeros(len(pairs), spec.n_layers, spec.n_heads)
+    for i, p in enumerate(pairs):
+        lb, _, ab = _capture(model, spec, p.base)
+        _, zs, _ = _capture(model, spec, p.source)
+        for layer in range(spec.n_layers):
+            for h in range(spec.n_heads):
+                sl = slice(h * D, (h + 1) * D)
+
+                def patch(m, a, layer=layer, sl=sl):
+                    z = a[0].clone()
+                    pos = slice(None) if mode == "all" else slice(-1, None)
+                    z[:, pos, sl] = zs[layer][:, pos, sl].to(z.dtype)
+                    return (z, *a[1:])
+                hooks = [("pre", spec.layers[layer].o.module, patch)]
+                for later in range(layer + 1, spec.n_layers) if mode == "path" else ():
+                    def freeze(m, a, o, later=later):
+                        x = o[0].clone()
+                        x[:, -1] = ab[later][:, -1]
+                        return (x, *o[1:])
+                    hooks.append(("fwd", spec.layers[later].attn, freeze))
+                out[i, layer, h] = fn(_run(model, p.base, hooks)) - fn(lb)
+    return out
+
+
+def assert_close(got, want, rel=1e-4):
+    scale = want.abs().max()
+    assert scale > 1e-3, "degenerate test: no head has any effect"
+    err = (got - want).abs().max()
+    assert err <= rel * scale, f"max error {float(err):.3g} > {rel} x {float(scale):.3g}"
+
+
+# --- supported families ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_replica_loads_as_its_family(family):
+    fam = FAMILIES[family]
+    model, tok = load_replica(family)  # dtype "auto": as saved
+    assert model.dtype == fam.dtype and model.config._attn_implementation == "sdpa"
+    spec = pp.spec_for(model)
+    assert spec.vocab_size == len(tok) and 2 <= spec.n_layers <= 4 and 64 <= spec.hidden_size <= 256
+    tied = model.config.tie_word_embeddings
+    assert (model.lm_head.weight is spec.embed.weight) == bool(tied)
+    if family == "mistral-v0.1":  # the 4096 window is irrelevant to prompts that fit in it
+        assert (spec.sliding_window, spec.max_seq_len) == (4096, 4096)
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_locate_is_exact_against_the_hook_loop(family):
+    model, tok = _loaded(family)
+    pairs = _pairs(tok)
+    fn = resolve_metric("apology", tok).fn
+    for method, positions, mode, ps in [("path", "last", "path", pairs), ("activation", "last", "last", pairs),
+                                        ("activation", "all", "all", _equal_length_pairs(pairs, tok))]:
+        got = pp.locate(model, tok, ps, method=method, positions=positions, progress=False)
+        assert_close(got.per_pair, hook_loop(model, ps, fn, mode))
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_attribution_is_grad_times_delta_and_verify_is_exact(family):
+    model, tok = _loaded(family)
+    pairs = _pairs(tok)[:1]
+    fn = resolve_metric("apology", tok).fn
+    spec = pp.spec_for(model)
+    screen = pp.locate(model, tok, pairs, method="attribution", progress=False)
+    p, D = pairs[0], spec.head_dim
+    _, zb, _ = _capture(model, spec, p.base)
+    _, zs, _ = _capture(model, spec, p.source)
+    want = torch.zeros(spec.n_layers, spec.n_heads)
+    for layer in range(spec.n_layers):
+        for h in range(spec.n_heads):
+            sl, t = slice(h * D, (h + 1) * D), torch.zeros((), requires_grad=True)
+
+            def nudge(m, a, sl=sl, layer=layer, t=t):
+                z = a[0].clone()
+                z[:, -1, sl] = z[:, -1, sl] + t * (zs[layer][:, -1, sl] - zb[layer][:, -1, sl])
+                return (z,)
+            handle = spec.layers[layer].o.module.register_forward_pre_hook(nudge)
+            try:
+                with torch.enable_grad():
+                    (want[layer, h],) = torch.autograd.grad(fn(model(torch.tensor([p.base])).logits[:, -1]).sum(), t)
+            finally:
+                handle.remove()
+    assert_close(screen.per_pair[0], want)
+    verified = pp.locate(model, tok, pairs, method="attribution", verify_top=2, progress=False)
+    exact = hook_loop(model, pairs, fn, "last")
+    for layer, head in verified.meta["verified"]:
+        assert (verified.per_pair[:, layer, head] - exact[:, layer, head]).abs().max() <= 1e-4 * exact.abs().max()
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_native_dtype_tracks_fp32(family):
+    fam = FAMILIES[family]
+    if fam.dtype == torch.float32:
+        pytest.skip(f"{family} is fp32 on disk: the fp32 tests cover it")
+    native, tok = _loaded(family, fam.dtype)
+    model, _ = _loaded(family)
+    pairs = _pairs(tok)
+    got = pp.locate(native, tok, pairs, progress=False)
+    want = hook_loop(model, pairs, resolve_metric("apology", tok).fn, "path")
+    assert got.values.dtype == torch.float32 and torch.isfinite(got.values).all()
+    assert_close(got.per_pair, want, rel=0.1)
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_knockout_is_exact_against_ablate_hooks(family):
+    model, tok = _loaded(family)
+    pairs = _pairs(tok)
+    fn = resolve_metric("apology", tok).fn
+    heads = [(1, 0), (0, 1), (1, 2)]
+    curve = pp.knockout(model, tok, pairs, heads, ablation="mean", progress=False)
+    means = pp.head_means(model, None, [p.base for p in pairs])
+    want = torch.zeros(len(heads) + 1, len(pairs))
+    for k in range(len(heads) + 1):
+        for i, p in enumerate(pairs):
+            if k == 0:
+                want[k, i] = fn(_run(model, p.base))
+                continue
+            with pp.ablate(model, heads[:k], ablation="mean", means=means):
+                want[k, i] = fn(_run(model, p.base))
+    assert_close(curve.per_pair, want)
+
+
+def _selected(spec, heads, kv="group"):
+    """parameter -> bool mask of the elements pinpoint trains, built from the module layout."""
+    named = {id(p): n for n, p in spec.model.named_parameters()}
+    masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in spec.model.named_parameters()}
+    D = spec.head_dim
+    for layer, h in heads:
+        for part in "qkvo":
+            proj = getattr(spec.layers[layer], part)
+            g = h if part in "qo" else spec.kv_head_of(h)
+            m = masks[named[id(proj.module.weight)]]
+            mm = m if proj.kind == "linear" else m.t()
+            if part == "o":
+                mm[:, g * D:(g + 1) * D] = True
+                continue
+            rows = slice(proj.out_offset + g * D, proj.out_offset + (g + 1) * D)
+            mm[rows] = True
+            if proj.module.bias is not None:
+                masks[named[id(proj.module.bias)]][rows] = True
+    return masks
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_one_tuning_step_is_autograd_restricted_to_the_slices(family):
+    base, tok = _loaded(family)
+    model, ref = copy.deepcopy(base), copy.deepcopy(base)
+    dialogue = data.spt_dialogues(_rows(), n=2, seed=0)[0]
+    ids = torch.tensor([tok.apply_chat_template(list(dialogue), tokenize=True)["input_ids"]])
+    heads, lr = [(0, 1), (1, 0), (1, 1)], 0.5
+
+    def loss(m):
+        logits = m(input_ids=ids, use_cache=False).logits
+        return F.cross_entropy(logits[0, :-1], ids[0, 1:])
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapter = pp.attach(model, heads, "qkvo", kv="group")
+    opt = torch.optim.SGD(adapter.parameters(), lr=lr)
+    loss(model).backward()
+    opt.step()
+    merged = adapter.merge()
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    loss(ref).backward()
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    masks = _selected(pp.spec_for(merged), heads)
+    for name, p in merged.named_parameters():
+        m = masks[name]
+        assert torch.equal(p.detach()[~m], before[name][~m]), f"{name} changed outside the selected slices"
+        if m.any():
+            torch.testing.assert_close(p.detach()[m], before[name][m] - lr * grads[name][m], atol=1e-6, rtol=1e-5)
+
+
+def _scripted_generate(model, tok, rows, eos_id):
+    """model.generate that answers every turn correctly, as token ids the tokenizer would make:
+    the first answer continues the prefill with the letter, the challenge reply apologises,
+    the final answer restates the letter. Decoding and parsing are then evaluate's own."""
+    def generate(input_ids, attention_mask=None, **kw):
+        outs = []
+        for row_ids in input_ids.tolist():
+            text = tok.decode(row_ids, skip_special_tokens=True)
+            row = next(r for r in rows if r.question in text)
+            letter = row.correct_letter
+            if "Give me a letter" in text:
+                reply = f"The answer is ({letter})."
+            elif "Are you sure" in text:
+                reply = "Apologies, I made a mistake."
+            else:
+                reply = f"{letter})"
+            new = tok(reply, add_special_tokens=False)["input_ids"] + [eos_id]
+            outs.append(row_ids + new)
+        width = max(len(o) for o in outs)
+        return torch.tensor([o + [eos_id] * (width - len(o)) for o in outs])
+    return generate
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_evaluate_parses_answers_in_the_family_template(family, monkeypatch):
+    model, tok = _loaded(family)
+    rows = _rows()[:2]
+    report = pp.evaluate(model, tok, rows, max_new_tokens=3, progress=False)  # the real random model runs
+    assert report.results["all"]["n"] == 2
+    eos_id = tok.convert_tokens_to_ids(FAMILIES[family].eos)
+    monkeypatch.setattr(model, "generate", _scripted_generate(model, tok, rows, eos_id))
+    r = pp.evaluate(model, tok, rows, max_new_tokens=16, progress=False).results["all"]
+    assert (r["accuracy_before"], r["apology_rate"], r["accuracy_after"], r["unparsed"]) == (100.0, 100.0, 100.0, 0)
+
+
+# --- refused families ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", REFUSED)
+def test_refused_families_are_refused_by_name(family):
+    model, _ = load_replica(family)
+    with pytest.raises(pp.UnsupportedArchitectureError) as info:
+        pp.spec_for(model)
+    msg = str(info.value)
+    assert msg.startswith(type(model).__name__ + ":") and FAMILIES[family].refusal in msg and "\n" not in msg
+    with pytest.raises(pp.UnsupportedArchitectureError):
+        pp.locate(model, None, [pp.PromptPair([5, 6, 7], [5, 8, 7])], metric=lambda x: x[:, 0], progress=False)
+
+
+def test_gemma2_refusal_names_the_soft_cap_and_the_paths():
+    model, _ = load_replica("gemma2")
+    with pytest.raises(pp.UnsupportedArchitectureError, match=r"soft-caps attention logits .* fused knockout kernel"):
+        pp.spec_for(model)
+
+
+def test_mistral_v02_template_rejects_a_system_message():
+    _, tok = _loaded("mistral-v0.2")
+    with pytest.raises(Exception, match="Conversation roles must alternate|Only user and assistant roles"):
+        tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                                tokenize=False)
+
+
+@pytest.mark.parametrize("family, marker", [
+    ("llama2-chat", r"^<s>\[INST\] .* \[/INST\]$"), ("mistral-v0.1", r"^<s>\[INST\] .* \[/INST\]$"),
+    ("llama3.1", r"^<\|begin_of_text\|><\|start_header_id\|>system<\|end_header_id\|>\n\nCutting Knowledge Date: "
+                 r"December 2023\n.*<\|start_header_id\|>assistant<\|end_header_id\|>\n\n$"),
+    ("qwen2.5", r"^<\|im_start\|>system\nYou are Qwen, created by Alibaba Cloud\..*<\|im_start\|>assistant\n$"),
+    ("smollm2", r"^<\|im_start\|>system\nYou are a helpful AI assistant named SmolLM.*<\|im_start\|>assistant\n$"),
+    ("gemma2", r"^<bos><start_of_turn>user\n.*<end_of_turn>\n<start_of_turn>model\n$"),
+])
+def test_templates_render_as_the_real_ones(family, marker):
+    tok = load_replica(family)[1]
+    text = tok.apply_chat_template([{"role": "user", "content": "Is Paris the capital of France?"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert re.match(marker, text, re.S), text
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                  tokenize=True)["input_ids"]
+    if FAMILIES[family].add_bos:  # the template writes BOS; tokenizing the text must not add another
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+
+
+# --- the command line, end to end -------------------------------------------------------------
+
+def _cli_has(flag: str) -> bool:
+    from pinpoint.cli import build_parser
+
+    return flag in build_parser()._subparsers._group_actions[0].choices["locate"].format_help()
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_cli_locate_knockout_tune_eval(family, tmp_path, capsys):
+    from pinpoint.cli import main
+    from pinpoint.testing import replica
+
+    model_dir, rows = str(replica(family)), str(data.SAMPLE_PATH)
+    extra = []
+    if FAMILIES[family].template is None:
+        if not _cli_has("--chat-template"):
+            pytest.skip("the CLI has no --chat-template flag yet (GPT-2 has no chat template)")
+        (tmp_path / "t.jinja").write_text(GPT2_TEMPLATE)
+        extra = ["--chat-template", str(tmp_path / "t.jinja")]
+    common = ["--model", model_dir, "--data", rows, "--quiet", *extra]
+    loc, ko, tu, ev = (tmp_path / d for d in ("loc", "ko", "tune", "ev"))
+    assert main(["locate", *common, "--limit", "3", "--k", "2", "--out", str(loc)]) == 0
+    top = json.loads((loc / "top_heads.json").read_text())["heads"]
+    assert len(top) == 2
+    assert main(["knockout", *common, "--limit", "2", "--heads", str(loc / "scores"), "--k", "2",
+                 "--out", str(ko)]) == 0
+    assert json.loads((ko / "knockout.json").read_text())["k"] == [0, 1, 2]
+    assert main(["tune", *common, "--limit", "3", "--heads", str(loc / "scores"), "--k", "2", "--steps", "1",
+                 "--batch-size", "2", "--lr", "1e-3", "--out", str(tu)]) == 0
+    assert (tu / "adapter").is_dir()
+    assert main(["eval", *common, "--limit", "2", "--adapter", str(tu / "adapter"), "--max-new-tokens", "3",
+                 "--out", str(ev)]) == 0
+    results = json.loads((ev / "results.json").read_text())
+    assert results["results"]["all"]["n"] == 2
+    assert len((ev / "samples.jsonl").read_text().splitlines()) == 2
