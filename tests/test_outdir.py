@@ -80,3 +80,20 @@ def test_stage_false_yields_out_itself(tmp_path):
         assert path == out and out.is_dir()
         (path / "report.json").write_text("{}")
     assert (out / "report.json").exists() and json.loads((out / MARKER_NAME).read_text())["command"] == "demo"
+
+
+def test_only_rank_0_writes_under_torchrun(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("RANK", "1")
+    with OutDir(out, command="tune").open() as stage:
+        assert not stage.is_relative_to(tmp_path)
+        (stage / "adapter").write_text("rank 1")
+    assert not out.exists() and not stage.exists()
+    monkeypatch.setenv("RANK", "0")
+    with OutDir(out, command="tune").open() as stage:
+        (stage / "adapter").write_text("rank 0")
+        with monkeypatch.context() as m:  # rank 1 meanwhile: no lock taken, so no clash with rank 0's
+            m.setenv("RANK", "1")
+            with OutDir(out, command="tune").open():
+                pass
+    assert (out / "adapter").read_text() == "rank 0"

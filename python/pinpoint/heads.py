@@ -129,12 +129,9 @@ class HeadSet:
 
     def save(self, path: str | Path) -> Path:
         """Write a JSON file {"format": ..., "heads": [[layer, head], ...]}."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"format": "pinpoint.HeadSet/1", "heads": self.to_list()}, indent=1))
-        tmp.replace(path)
-        return path
+        from .files import atomic_write_json
+
+        return atomic_write_json(path, {"format": "pinpoint.HeadSet/1", "heads": self.to_list()}, indent=1)
 
     @classmethod
     def load(cls, path: str | Path, *, k: int | None = None) -> "HeadSet":
@@ -227,23 +224,19 @@ class HeadScores:
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (a directory): scores.safetensors + scores.json, and scores.csv (one
         row per head: layer, head, score, rank; rank 1 is ``top(1)``, empty for a NaN/inf score)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save as st_save
+
+        from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {"values": self.values}
         if self.per_pair is not None:
             tensors["per_pair"] = self.per_pair
         if self.base is not None:
             tensors["base"] = self.base
-        tmp = path / "scores.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(path / "scores.safetensors")
-        (path / "scores.json.tmp").write_text(json.dumps({"format": "pinpoint.HeadScores/1", "meta": self.meta},
-                                                         indent=2, default=str))
-        (path / "scores.json.tmp").replace(path / "scores.json")
-        (path / "scores.csv.tmp").write_text(self.to_csv())
-        (path / "scores.csv.tmp").replace(path / "scores.csv")
+        atomic_write_bytes(path / "scores.safetensors", st_save(tensors))
+        atomic_write_json(path / "scores.json", {"format": "pinpoint.HeadScores/1", "meta": self.meta}, default=str)
+        atomic_write_text(path / "scores.csv", self.to_csv())
         return path
 
     def to_csv(self) -> str:

@@ -7,6 +7,7 @@
 * Results are built in a temporary sibling directory and renamed into place when the command
   succeeds (``files.staging_dir`` / ``files.publish_dir``), so a failed or interrupted run
   leaves the earlier contents of ``--out`` as they were.
+* Under ``torchrun`` (``RANK`` set), only rank 0 writes ``--out``.
 * Nothing is created before :meth:`OutDir.open`: a command validates everything first and
   calls ``check()`` early, so bad input leaves no directory behind.
 
@@ -19,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -84,6 +86,12 @@ class OutDir:
         from .files import publish_dir, staging_dir
 
         self.check()
+        if os.environ.get("RANK", "0") != "0":
+            # under torchrun every rank runs the command; rank 0 alone writes --out, so the other
+            # ranks get a scratch directory that is removed afterwards, and take no lock
+            with tempfile.TemporaryDirectory(prefix="pinpoint-rank-") as scratch:
+                yield Path(scratch)
+            return
         self._started = _now()
         created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
