@@ -209,3 +209,52 @@ def grad_case(N, H, D, other, heads, by, dtype, seed=0, device="cpu"):
     else:
         dy, x = torch.randn(N, other, generator=g), torch.randn(N, H * D, generator=g)
     return dy.to(dtype).to(device), x.to(dtype).to(device), torch.tensor(heads, device=device)
+
+
+def check_head_slice_linear(pk, ref, *, by, dtype, device="cpu", autocast=False, bias=True):
+    """head_slice_linear forward + backward against dense F.linear on the merged weight.
+
+    Forward: bitwise equal (the op merges W + Δ exactly as head_slice_apply and runs the same
+    GEMM). dX: the same GEMM up to summation order. dΔ (and dΔb): the fp32 reference slice
+    gradient of the (autocast-cast) input. Under `autocast` x, W and b are fp32 and the
+    projection runs in bfloat16, as nn.Linear would.
+    """
+    from torch.nn import functional as F
+
+    g = torch.Generator().manual_seed(3)
+    H, D, other, heads = 4, 16, 24, [3, 1]
+    out_f, in_f = (H * D, other) if by == "rows" else (other, H * D)
+    pdt = torch.float32 if autocast else dtype
+    w = (torch.randn(out_f, in_f, generator=g) * 0.2).to(device, pdt)
+    b = (torch.randn(out_f, generator=g) * 0.1).to(device, pdt) if bias else None
+    x = torch.randn(2, 5, in_f, generator=g).to(device, pdt).requires_grad_()
+    delta = (torch.randn(2, *((D, in_f) if by == "rows" else (out_f, D)), generator=g) * 0.01).to(device)
+    delta.requires_grad_()
+    db = (torch.randn(2, D, generator=g) * 0.01).to(device).requires_grad_() if bias and by == "rows" else None
+    idx = torch.tensor(heads, device=device)
+    ctx = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast)  # noqa: E731
+    with ctx():
+        y = pk.head_slice_linear(x, w, b, delta, heads, D, by=by, delta_bias=db)
+    dy = torch.randn(y.shape, generator=g).to(device, y.dtype)
+    y.backward(dy)
+
+    w_eff = ref.head_slice_apply(w.detach().clone(), delta.detach(), idx, D, by=by).requires_grad_()
+    b_eff = None
+    if b is not None:
+        b_eff = b.detach().clone()
+        if db is not None:
+            ref.head_slice_apply(b_eff[:, None], db.detach()[..., None], idx, D, by="rows")
+    xd = x.detach().clone().requires_grad_()
+    with ctx():
+        yd = F.linear(xd, w_eff, b_eff)
+    yd.backward(dy)
+    assert y.dtype == yd.dtype and torch.equal(y, yd), "forward differs from F.linear on the merged weight"
+    cdt = torch.bfloat16 if autocast else dtype
+    tol = ATTN_TOL[cdt]
+    torch.testing.assert_close(x.grad, xd.grad, atol=tol["atol"], rtol=tol["rtol"])
+    xs = x.detach().to(cdt)
+    want = ref.head_slice_grad(dy, xs, idx, D, by=by)
+    torch.testing.assert_close(delta.grad, want, **GRAD_TOL)
+    if db is not None:
+        cols = (idx[:, None] * D + torch.arange(D, device=device)).reshape(-1)
+        torch.testing.assert_close(db.grad, dy.float().reshape(-1, out_f)[:, cols].sum(0).view(2, D), **GRAD_TOL)

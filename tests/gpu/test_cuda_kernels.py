@@ -284,3 +284,19 @@ def test_apply_on_transposed_conv1d_view_and_bf16_slices(need_backend, backend):
     want = ref.head_slice_apply(conv_w.t().clone(), slices, torch.tensor([1], device=DEV), 8, by="rows")
     pk.head_slice_apply(conv_w.t(), slices, [1], 8, by="rows", backend=backend)
     assert torch.equal(conv_w.t(), want)
+
+
+# ------------------------------------------------------------------------------------------
+# head_slice_linear: the training path (forward, backward, autocast) on CUDA tensors
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("by", ["rows", "cols"])
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, False), (torch.bfloat16, False),
+                                             (torch.float16, False), (torch.float32, True)],
+                         ids=["fp32", "bf16", "fp16", "autocast-bf16"])
+def test_head_slice_linear(need_backend, monkeypatch, backend, by, dtype, autocast):
+    """Its launchers (head_slice_apply, head_slice_grad) come from the dispatch, so the
+    backend is forced through PINPOINT_BACKEND."""
+    need_backend(backend)
+    monkeypatch.setenv("PINPOINT_BACKEND", backend)
+    C.check_head_slice_linear(pk, ref, by=by, dtype=dtype, device=DEV, autocast=autocast)

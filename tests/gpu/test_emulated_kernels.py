@@ -176,6 +176,15 @@ def test_apply_on_transposed_view(emu):
     assert torch.equal(conv_w.t(), want)
 
 
+@pytest.mark.parametrize("by", ["rows", "cols"])
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, False), (torch.bfloat16, False),
+                                             (torch.float32, True)], ids=["fp32", "bf16", "autocast-bf16"])
+def test_head_slice_linear(emu, monkeypatch, by, dtype, autocast):
+    """The training path through the CUDA kernels: forward, backward, autocast."""
+    monkeypatch.setenv("PINPOINT_BACKEND", "cuda")
+    C.check_head_slice_linear(pk, ref, by=by, dtype=dtype, autocast=autocast)
+
+
 def _sanitize_cases(monkeypatch):
     cases = _load("sanitize_cases.py")
     monkeypatch.setattr(cases, "DEV", "cpu")
