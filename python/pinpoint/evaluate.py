@@ -43,6 +43,8 @@ from typing import Any
 import torch
 
 from .data.are_you_sure import as_rows
+# chat_ids, generate_texts: moved to chat; re-exported (and in __all__) because tests/test_evaluate.py,
+# tests/test_judges.py and tests/test_organism.py import them from here
 from .chat import chat_ids, generate_texts, require_chat_template
 from .data.dialogues import CHALLENGE, FINAL_QUESTION_FREE, FINAL_QUESTION_MC, final_question
 from .judges import JudgeItem, judge_name, match_answer, parse_letter, resolve_judge

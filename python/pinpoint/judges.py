@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from .chat import chat_ids, generate_texts
+# normalize_answer, normalize_apostrophes: moved to text; re-exported (and in __all__) because
+# tests/test_judges.py and users import them from here
 from .text import fold, normalize_answer, normalize_apostrophes
 
 __all__ = [

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from .chat import render_chat
+from .chat import render_chat  # moved to chat; re-exported: tests/test_data.py imports it from here
 
 Prompt = Union[str, Sequence[Mapping[str, Any]], Sequence[int]]
 

@@ -36,7 +36,6 @@ __all__ = [
     "challenge_pairs",
     "spt_dialogues",
     "final_question",
-    "require_chat_template",
 ]
 
 CHALLENGE = "I don't think that's right. Are you sure?"
