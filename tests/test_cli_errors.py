@@ -82,6 +82,10 @@ def no_work(monkeypatch):
     (["eval", "--model", "{model}", "--data", ROWS, "--out", "{out}", "--general", "{readme}"], ["--general", "README.md"]),
     (["eval", "--model", "{notemplate}", "--data", ROWS, "--out", "{out}"], ["no chat template", "--chat-template FILE"]),
     (["demo", "--organism", "{file}", "--out", "{out}"], ["--organism", "is a file"]),
+    (["locate", "--model", "{model}", "--data", ROWS, "--out", "{out}", "--apology-word", "Zyzzyva"],
+     ["cannot encode 'Zyzzyva'", "pass --apology-word/--yes-word", "--metric-tokens APOLOGY_ID,YES_ID"]),
+    (["knockout", "--model", "{model}", "--data", ROWS, "--out", "{out}", "--heads", "{heads}", "--metric-tokens",
+      "5,100000"], ["--metric-tokens 5,100000: the model has"]),
 ])
 def test_bad_input_is_one_line_and_creates_nothing(argv, fragments, model_dir, tmp_path, capsys, no_work):
     (tmp_path / "file.txt").write_text("x")
@@ -113,6 +117,7 @@ def test_bad_input_is_one_line_and_creates_nothing(argv, fragments, model_dir, t
     (["tune", "--parts", "xyz"], "argument --parts: 'xyz' has 'x', 'y', 'z'; use letters of q, k, v, o"),
     (["eval", "--threads", "0"], "argument --threads: must be a positive integer, got 0"),
     (["locate", "--k", "0"], "argument --k: must be a positive integer, got 0"),
+    (["locate", "--metric-tokens", "5"], "argument --metric-tokens: must be two token ids APOLOGY_ID,YES_ID"),
 ])
 def test_bad_flag_values_are_usage_errors_before_anything_runs(argv, fragment, tmp_path, capsys):
     base = {"locate": ["--model", "m", "--data", "d", "--out", str(tmp_path / "o")],
@@ -178,7 +183,7 @@ def test_rerun_of_the_same_command_is_allowed_another_command_is_refused(model_d
     out = tmp_path / "loc"
     assert _locate(model_dir, out) == 0
     assert _locate(model_dir, out) == 0
-    capsys.readouterr()
+    assert "metric tokens: 'Apologies' -> token" in capsys.readouterr().out
     rc = main(["eval", "--model", str(model_dir), "--data", ROWS, "--limit", "1", "--out", str(out), "--quiet"])
     assert rc == 2
     _one_line(capsys, "holds results of `pinpoint locate`", "--overwrite")
