@@ -6,7 +6,8 @@
   mlp_step, tail_from_mid, run_blocks, logits_match, check_pre_norm_residual, memory_budget, chunk_size;
 * ``pinpoint.progress``: progress.
 """
-# moved to batching/recording/incremental/progress; kept until organism/train.py and tests/test_locate.py switch
+# moved to batching/recording/incremental/progress; kept until tests/test_locate.py switches (its two
+# `from pinpoint.runs import SuffixRunner`); nothing in python/ imports runs any more
 from .batching import Batch, make_batch, pad_id_of, take_last  # noqa: F401
 from .incremental import (  # noqa: F401
     SuffixRunner, cache_kwarg, check_pre_norm_residual, chunk_size, expand_cache, first_difference, logits_match,
