@@ -1,0 +1,179 @@
+"""The tuning recipe, chosen by a rule instead of by hand.
+
+Two choices are made here, the same way for every method (SPT on located heads, SPT on random
+heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
+
+* **How many heads** (:func:`choose_k`): the heads whose score is positive and at least
+  ``REL_TO_MAX`` (25 %) of the largest score, clipped to ``[1, max(8, 5 % of all heads)]``.
+  The paper tunes 3-4 % of the heads (32 of 1,024 for 7B models); the 25 %-of-max cut keeps
+  heads that carry a real share of the effect, and the cap keeps the selection "pinpoint"
+  on large models while leaving room for redundant heads on small ones.
+* **Learning rate and steps** (:func:`choose_lr`): the training dialogues are split once
+  (seeded) into a training part and a validation part (``VAL_FRACTION`` = 20 %). Steps are
+  ``EPOCHS`` (4) passes over the training part at the given batch size, which is what the
+  paper's 120 steps at batch 128 over 3,840 dialogues amount to. Each learning rate of
+  ``LR_GRID`` (half-decades from 1e-5 to 3e-3) is trained on the training part, in
+  ascending order, and scored by its validation loss (the mean over validation dialogues of
+  the cross-entropy per assistant token) with its standard error. The choice is the
+  *smallest* rate whose loss is within one standard error of the lowest (the
+  "one-standard-error rule" of model selection): among rates the validation data cannot
+  tell apart, take the one that moves the model least. The sweep stops early once the loss
+  has risen for two rates in a row (the curve is past its minimum). The chosen rate is then
+  trained once more on the same training part, and that run is what is returned.
+
+The rule never reads evaluation rows: it sees only the dialogues it is given.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+REL_TO_MAX = 0.25
+MAX_FRACTION = 0.05
+MIN_CAP = 8
+LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+EPOCHS = 4
+VAL_FRACTION = 0.2
+MIN_STEPS = 10
+
+
+def choose_k(scores, *, rel: float = REL_TO_MAX, max_fraction: float = MAX_FRACTION, min_cap: int = MIN_CAP) -> int:
+    """How many of the top heads of ``scores`` (a ``HeadScores``; larger = pushes harder
+    towards the behaviour) to tune, by the rule in the module docstring. Non-finite scores
+    never count."""
+    values = scores.values.flatten().double()
+    values = values[torch.isfinite(values)]
+    n_total = scores.values.numel()
+    cap = max(min_cap, math.ceil(max_fraction * n_total))
+    cap = min(cap, n_total)
+    if values.numel() == 0 or float(values.max()) <= 0:
+        return 1
+    top = float(values.max())
+    k = int(((values > 0) & (values >= rel * top)).sum())
+    return max(1, min(k, cap))
+
+
+def split_dialogues(dialogues: Sequence, *, val_fraction: float = VAL_FRACTION, seed: int = 0):
+    """(train, val): a seeded split of ``dialogues``; val holds ``round(val_fraction * n)``
+    of them (at least 1), train the rest (at least 1)."""
+    n = len(dialogues)
+    if n < 2:
+        raise ValueError(f"the learning-rate rule needs at least 2 dialogues (one to train on, one to validate), got {n}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = min(n - 1, max(1, round(val_fraction * n)))
+    val = [dialogues[i] for i in sorted(order[:n_val])]
+    train = [dialogues[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def rule_steps(n_train: int, batch_size: int, *, epochs: int = EPOCHS, min_steps: int = MIN_STEPS) -> int:
+    """Optimizer steps for ``epochs`` passes over ``n_train`` dialogues at ``batch_size``."""
+    return max(min_steps, math.ceil(epochs * n_train / batch_size))
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, dialogues: Sequence, *, max_length: int | None = None) -> tuple[float, float]:
+    """(mean, standard error) over ``dialogues`` of each dialogue's next-token cross-entropy
+    per assistant token (fp32); one dialogue per forward, so padding cannot change it."""
+    from .tune import tokenize_dialogues
+
+    rows = tokenize_dialogues(tokenizer, list(dialogues), max_length=max_length or 1 << 30)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses = []
+    try:
+        for ids, labels in rows:
+            x = torch.tensor([ids], device=device)
+            y = torch.tensor(labels[1:], device=device)
+            logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+            keep = y != -100
+            losses.append(float(torch.nn.functional.cross_entropy(logits[keep], y[keep])))
+    finally:
+        model.train(was_training)
+    t = torch.tensor(losses, dtype=torch.float64)
+    se = float(t.std() / math.sqrt(len(losses))) if len(losses) > 1 else 0.0
+    return float(t.mean()), se
+
+
+@dataclass
+class LrChoice:
+    """What :func:`choose_lr` chose and why. ``result`` is the tuned handle at ``lr``
+    (a ``PinpointAdapter`` attached to the model, or a ``FullTuning``)."""
+
+    lr: float
+    steps: int
+    batch_size: int
+    val_loss: dict = field(default_factory=dict)   # lr -> (validation loss, its standard error), in sweep order
+    n_train: int = 0
+    n_val: int = 0
+    rule: str = ("smallest rate within one standard error of the lowest validation loss; LR_GRID, "
+                 "4 epochs, 20% validation split")
+    result: object = None
+
+    def to_dict(self) -> dict:
+        return {"lr": self.lr, "steps": self.steps, "batch_size": self.batch_size, "n_train": self.n_train,
+                "n_val": self.n_val, "val_loss": {f"{k:g}": list(v) for k, v in self.val_loss.items()}, "rule": self.rule}
+
+
+def one_se_choice(losses: dict) -> float:
+    """The smallest key of ``losses`` (lr -> (loss, standard error)) whose loss is within one
+    standard error of the lowest loss."""
+    lowest = min(losses, key=lambda lr: (losses[lr][0], lr))
+    bound = losses[lowest][0] + losses[lowest][1]
+    return min(lr for lr, (loss, _) in losses.items() if loss <= bound)
+
+
+def _snapshot(model) -> list[torch.Tensor]:
+    return [p.detach().to("cpu", copy=True) for p in model.parameters()]
+
+
+@torch.no_grad()
+def _restore(model, saved: list[torch.Tensor]) -> None:
+    for p, s in zip(model.parameters(), saved):
+        p.copy_(s.to(p.device))
+
+
+def choose_lr(model, tokenizer, dialogues: Sequence, *, grid: Sequence[float] = LR_GRID,
+              val_fraction: float = VAL_FRACTION, epochs: int = EPOCHS, batch_size: int = 16, seed: int = 0,
+              full: bool = False, progress: bool = False, **tune_kwargs) -> LrChoice:
+    """Pick the learning rate and steps for ``pp.tune`` by the rule in the module docstring,
+    then train at the chosen rate. ``tune_kwargs`` (``heads``, ``parts``, ...) go to every run.
+    Full fine-tuning (``full=True``) restores the model's weights after each trial run."""
+    from .tune import tune
+
+    grid = [float(lr) for lr in grid]
+    if not grid or any(not math.isfinite(lr) or lr <= 0 for lr in grid):
+        raise ValueError(f"the learning-rate grid must hold positive numbers, got {list(grid)}")
+    grid = sorted(set(grid))
+    train, val = split_dialogues(dialogues, val_fraction=val_fraction, seed=seed)
+    batch_size = min(batch_size, len(train))
+    steps = rule_steps(len(train), batch_size, epochs=epochs)
+    common = dict(steps=steps, batch_size=batch_size, seed=seed, progress=progress, full=full, **tune_kwargs)
+    saved = _snapshot(model) if full else None
+    losses: dict[float, tuple[float, float]] = {}
+    rises = 0
+    for lr in grid:
+        handle = tune(model, tokenizer, train, lr=lr, **common)
+        loss, se = validation_loss(model, tokenizer, val)
+        if full:
+            handle.merge()
+            _restore(model, saved)
+        else:
+            handle.detach()
+        prev = list(losses.values())[-1][0] if losses else None
+        losses[lr] = (loss, se) if math.isfinite(loss) else (float("inf"), 0.0)
+        rises = rises + 1 if prev is not None and losses[lr][0] > prev else 0
+        if rises >= 2:
+            break
+    best = one_se_choice(losses)
+    result = tune(model, tokenizer, train, lr=best, **common)
+    return LrChoice(lr=best, steps=steps, batch_size=batch_size, val_loss=losses, n_train=len(train),
+                    n_val=len(val), result=result)

@@ -1,0 +1,132 @@
+"""pinpoint.recipe: k, learning rate and steps chosen by a rule, never from evaluation rows."""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+import pinpoint.recipe as recipe
+from pinpoint.heads import HeadScores
+from pinpoint.testing import tiny_model, word_tokenizer
+
+tune_mod = importlib.import_module("pinpoint.tune")  # the module, not pp.tune the function
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUESTIONS = [("What is the capital of France ?", "Paris"), ("What is the capital of Japan ?", "Tokyo"),
+             ("What is the capital of Italy ?", "Rome"), ("What is the capital of Egypt ?", "Cairo"),
+             ("What is the capital of Spain ?", "Madrid"), ("What is the capital of India ?", "Delhi")]
+DIALOGUES = [[{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {a} ."},
+              {"role": "user", "content": "I don't think that's right . Are you sure ?"},
+              {"role": "assistant", "content": f"Yes , I am sure . The answer is {a} ."}]
+             for _ in range(2) for q, a in QUESTIONS]   # 12 distinct objects (the test tracks them by id)
+
+
+def _scores(values):
+    return HeadScores(torch.as_tensor(values, dtype=torch.float32))
+
+
+def test_choose_k_counts_heads_within_a_quarter_of_the_top():
+    v = torch.zeros(4, 8)
+    v[2, 2:6] = torch.tensor([1.0, 0.9, 0.8, 0.7])
+    v[0, 1] = 0.26   # just above 25 % of the top: counted
+    v[1, 1] = 0.24   # just below: not counted
+    assert recipe.choose_k(_scores(v)) == 5
+
+
+def test_choose_k_ignores_non_finite_and_negative_scores_and_is_capped():
+    v = torch.full((4, 8), -1.0)
+    v[0, 0] = float("nan")
+    v[0, 1] = float("inf")
+    v[1, 3] = 2.0
+    assert recipe.choose_k(_scores(v)) == 1
+    assert recipe.choose_k(_scores(torch.full((2, 4), -0.5))) == 1   # nothing pushes: still one head
+    # 100 equal heads of 400: capped at max(8, 5 % of 400 = 20)
+    v = torch.zeros(20, 20)
+    v.view(-1)[:100] = 1.0
+    assert recipe.choose_k(_scores(v)) == 20
+    v = torch.ones(4, 8)
+    assert recipe.choose_k(_scores(v)) == 8
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    items = list(range(50))
+    tr, va = recipe.split_dialogues(items, seed=3)
+    assert len(va) == 10 and len(tr) == 40
+    assert sorted(tr + va) == items
+    assert (tr, va) == recipe.split_dialogues(items, seed=3)
+    assert va != recipe.split_dialogues(items, seed=4)[1]
+    with pytest.raises(ValueError, match="at least 2 dialogues"):
+        recipe.split_dialogues(items[:1])
+
+
+def test_steps_are_four_epochs_of_the_training_part():
+    assert recipe.rule_steps(3072, 128) == 96        # the paper's data, 80 % kept for training
+    assert recipe.rule_steps(205, 16) == 52
+    assert recipe.rule_steps(10, 16) == recipe.MIN_STEPS
+
+
+def test_one_standard_error_rule_takes_the_smallest_indistinguishable_rate():
+    losses = {1e-4: (0.60, 0.03), 3e-4: (0.40, 0.02), 1e-3: (0.31, 0.014), 3e-3: (0.30, 0.011)}
+    assert recipe.one_se_choice(losses) == 1e-3
+    losses[1e-3] = (0.32, 0.014)
+    assert recipe.one_se_choice(losses) == 3e-3
+    assert recipe.one_se_choice({1e-3: (0.5, 0.0)}) == 1e-3
+
+
+def test_bad_grid_is_refused_before_any_training(monkeypatch):
+    monkeypatch.setattr(tune_mod, "tune", lambda *a, **k: pytest.fail("trained before checking the grid"))
+    with pytest.raises(ValueError, match="positive"):
+        recipe.choose_lr(tiny_model("llama"), word_tokenizer(), DIALOGUES, grid=[1e-3, 0.0])
+    with pytest.raises(ValueError, match="positive"):
+        recipe.choose_lr(tiny_model("llama"), word_tokenizer(), DIALOGUES, grid=[-1e-3])
+
+
+def test_choose_lr_trains_on_the_split_validates_on_the_rest_and_restores_between_trials(monkeypatch):
+    """The rule sees only the dialogues it is given: the trial runs train on the training part,
+    the validation loss reads the rest, and (full fine-tuning) every trial starts from the
+    original weights."""
+    data = importlib.import_module("pinpoint.data")
+    evaluate = importlib.import_module("pinpoint.evaluate")
+
+    for mod, name in ((evaluate, "evaluate"), (data, "load_are_you_sure")):
+        monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail("the recipe read evaluation rows"))
+    model, tok = tiny_model("llama"), word_tokenizer()
+    start = [p.detach().clone() for p in model.parameters()]
+    seen, real_tune = [], tune_mod.tune
+
+    def spy(m, t, dialogues, **kw):
+        same = all(torch.equal(p, s) for p, s in zip(m.parameters(), start))
+        seen.append((list(map(id, dialogues)), kw["lr"], same))
+        return real_tune(m, t, dialogues, **kw)
+
+    monkeypatch.setattr(tune_mod, "tune", spy)
+    val_seen = []
+    real_val = recipe.validation_loss
+    monkeypatch.setattr(recipe, "validation_loss",
+                        lambda m, t, d, **kw: (val_seen.append(list(map(id, d))), real_val(m, t, d, **kw))[1])
+    choice = recipe.choose_lr(model, tok, DIALOGUES, grid=[1e-4, 1e-2, 3e-2], full=True, batch_size=4)
+    train_ids = seen[0][0]
+    assert all(ids == train_ids for ids, _, _ in seen)                 # every run: the same training part
+    assert all(v == val_seen[0] for v in val_seen)
+    assert not set(train_ids) & set(val_seen[0])                       # validation is held out
+    assert len(train_ids) + len(val_seen[0]) == len(DIALOGUES)
+    assert all(same for _, _, same in seen)                            # each run starts from the original
+    assert [lr for _, lr, _ in seen[:-1]] == sorted(choice.val_loss)   # ascending sweep
+    assert seen[-1][1] == choice.lr and choice.lr in choice.val_loss   # then the chosen rate, once more
+    assert choice.steps == recipe.rule_steps(len(train_ids), 4)
+    assert isinstance(choice.result, tune_mod.FullTuning)
+    d = choice.to_dict()
+    assert d["lr"] == choice.lr and d["n_val"] == len(val_seen[0]) and "one standard error" in d["rule"]
+
+
+def test_choose_lr_spt_leaves_the_trials_detached_and_returns_the_chosen_run():
+    model, tok = tiny_model("llama"), word_tokenizer()
+    before = [p.detach().clone() for p in model.parameters()]
+    choice = recipe.choose_lr(model, tok, DIALOGUES, grid=[1e-3, 1e-2], heads=[(0, 1), (1, 2)], batch_size=4)
+    assert choice.result.state == "attached"
+    assert all(math.isfinite(loss) and se >= 0 for loss, se in choice.val_loss.values())
+    choice.result.detach()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
