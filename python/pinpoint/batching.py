@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["IGNORE", "Batch", "pad_id", "pad_id_of", "input_device", "pad", "make_batch", "collate",
+__all__ = ["IGNORE", "Batch", "pad_id", "input_device", "pad", "make_batch", "collate",
            "length_batches", "take_last"]
 
 IGNORE = -100  # label of tokens that carry no loss (torch's cross_entropy ignore_index)
@@ -67,9 +67,6 @@ def pad_id(tokenizer=None, model=None) -> int:
             if v is not None:
                 return int(v)
     return 0
-
-
-pad_id_of = pad_id  # the old name; same policy
 
 
 def input_device(model) -> torch.device:

@@ -8,7 +8,8 @@
 """
 # moved to batching/recording/incremental/progress; kept until tests/test_locate.py switches (its two
 # `from pinpoint.runs import SuffixRunner`); nothing in python/ imports runs any more
-from .batching import Batch, make_batch, pad_id_of, take_last  # noqa: F401
+from .batching import Batch, make_batch, take_last  # noqa: F401
+from .batching import pad_id as pad_id_of  # noqa: F401
 from .incremental import (  # noqa: F401
     SuffixRunner, cache_kwarg, check_pre_norm_residual, chunk_size, expand_cache, first_difference, logits_match,
     memory_budget, mlp_step, prefix_cache, run_blocks, tail_from_mid,
