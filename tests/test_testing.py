@@ -172,3 +172,83 @@ def test_tiny_model_dtype_and_overrides():
 
 def test_tiny_archs_constant():
     assert TINY_ARCHS == ("llama", "mistral", "qwen2", "gpt2")
+
+
+# --- the replica zoo ---------------------------------------------------------------------------
+
+def test_replica_is_cached_deterministic_and_written_atomically(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from pinpoint.testing import replica
+
+    a = replica("smollm2", tmp_path / "a")
+    assert replica("smollm2", tmp_path / "a") == a  # reused, not rebuilt
+    stamp = json.loads((a / "pinpoint_replica.json").read_text())
+    assert stamp["family"] == "smollm2" and stamp["mimics"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    b = replica("smollm2", tmp_path / "b")
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = replica("smollm2", tmp_path / "c", seed=1)
+    assert not torch.equal(load_file(c / "model.safetensors")["model.embed_tokens.weight"],
+                           wa["model.embed_tokens.weight"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    with pytest.raises(ValueError, match="unknown replica family 'llama9'; choose one of llama2-chat"):
+        replica("llama9", tmp_path / "x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a pinpoint replica"):
+        replica("gpt2", tmp_path / "mine")
+
+
+def test_replica_config_keys_and_dtypes_are_the_families():
+    import json
+
+    from pinpoint.testing import FAMILIES, replica
+
+    cfg = {n: json.loads((replica(n) / "config.json").read_text()) for n in
+           ("llama2-chat", "mistral-v0.1", "mistral-v0.2", "llama3.1", "qwen2.5", "gemma2", "gpt2")}
+    assert cfg["llama2-chat"]["num_key_value_heads"] == cfg["llama2-chat"]["num_attention_heads"]  # MHA
+    assert (cfg["mistral-v0.1"]["sliding_window"], cfg["mistral-v0.2"]["sliding_window"]) == (4096, None)
+    rope = cfg["llama3.1"].get("rope_parameters") or cfg["llama3.1"]["rope_scaling"]
+    assert rope["rope_type"] == "llama3" and cfg["llama3.1"]["num_attention_heads"] == 4 * cfg["llama3.1"][
+        "num_key_value_heads"]
+    assert cfg["qwen2.5"]["tie_word_embeddings"] and cfg["gemma2"]["tie_word_embeddings"]
+    assert cfg["gemma2"]["attn_logit_softcapping"] == 50.0 and cfg["gemma2"]["final_logit_softcapping"] == 30.0
+    assert cfg["gemma2"]["head_dim"] * cfg["gemma2"]["num_attention_heads"] != cfg["gemma2"]["hidden_size"]
+    for name, c in cfg.items():
+        assert c.get("dtype", c.get("torch_dtype")) == str(FAMILIES[name].dtype).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("family, text, pieces", [
+    # SentencePiece style: ▁ for spaces, a dummy ▁ at the start, punctuation and digits apart.
+    ("llama2-chat", "Apologies, I don't", ["▁Apologies", ",", "▁I", "▁don", "'", "t"]),
+    # Llama-3's split regex keeps "'t" with the apostrophe and digits in groups of three.
+    ("llama3.1", "I don't think 2024", ["I", "Ġdon", "'t", "Ġthink", "Ġ", "202", "4"]),
+    # Qwen2's splits digits one by one.
+    ("qwen2.5", "in 2024", ["in", "Ġ", "2", "0", "2", "4"]),
+    # Gemma: no dummy prefix.
+    ("gemma2", "Apologies, I", ["Apologies", ",", "▁I"]),
+])
+def test_replica_tokenizers_split_like_their_family(family, text, pieces):
+    from transformers import AutoTokenizer
+
+    from pinpoint.testing import replica
+
+    tok = AutoTokenizer.from_pretrained(replica(family))
+    assert tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"]) == pieces
+
+
+@pytest.mark.parametrize("family", ["llama2-chat", "llama3.1", "gemma2", "gpt2"])
+def test_replica_tokenizers_encode_any_text(family):
+    """Byte fallback (SentencePiece) and byte-level BPE: nothing maps to <unk>; decode inverts."""
+    from transformers import AutoTokenizer
+
+    from pinpoint.testing import replica
+
+    tok = AutoTokenizer.from_pretrained(replica(family))
+    text = "Zürich – naïve café 😀 (B) 12345"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
