@@ -73,6 +73,28 @@ def test_dry_run_finds_nvcc_in_cuda_home_first(tmp_path):
 def test_bad_argument_is_refused():
     res = subprocess.run(["bash", str(SCRIPT), "--bogus"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "usage" in res.stderr
+    res = subprocess.run(["bash", str(SCRIPT), "--only", "build,nope"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--only takes step names from: environment build" in res.stderr
+
+
+def _only_environment(tmp_path, python: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PINPOINT_GPU_CHECK_OUT": str(tmp_path), "PYTHON": python}
+    return subprocess.run(["bash", str(SCRIPT), "--only", "environment"], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=tmp_path)
+
+
+def test_step_runner_records_and_summarises(tmp_path):
+    """The real runner on one step that works without a GPU: a row in the steps file, the
+    summary table and JSON, exit 0; with a python that fails, the step fails and so does the run."""
+    res = _only_environment(tmp_path, sys.executable)
+    assert res.returncode == 0, res.stdout + res.stderr
+    name, cap, _, rc = (tmp_path / "gpu_check_steps.tsv").read_text().split("\t")
+    assert (name, cap, rc.strip()) == ("environment", "10", "0")
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["ok"] is True
+    assert "| environment | 10 |" in (tmp_path / "gpu_check.md").read_text()
+    res = _only_environment(tmp_path, "false")
+    assert res.returncode == 1
+    assert (tmp_path / "gpu_check_steps.tsv").read_text().split("\t")[3].strip() != "0"
 
 
 def test_summary_fails_on_a_failed_step_or_a_mismatch(tmp_path):
