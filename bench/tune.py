@@ -307,76 +307,76 @@ def grads_agree(methods):
     return f"ok ({worst:.1e})" if worst < 2e-2 else f"MISMATCH ({worst:.1e})"
 
 
-def run(preset, write=True, extra_notes=""):
-    p = PRESETS[preset]
-    dev = p["device"]
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"preset {preset!r} needs a CUDA GPU")
-    sequential = p.get("sequential", dev == "cuda")
-    rows = make_batch(p)
-    load0 = os.getloadavg()[0]
+def _run_interleaved(p, rows, preset):
+    """One model per method, interleaved rounds (CPU: load drifts hit every method alike)."""
+    models = {m: build_model(p) for m in METHODS}
+    heads = random_heads(models["spt"], p["k"], seed=0)
+    methods = {m: Method(m, models[m], heads, p) for m in METHODS}
+    for m in METHODS:
+        for _ in range(p["warmup"]):
+            methods[m].step(rows)
+    check = grads_agree(methods)
+    samples = {m: [] for m in METHODS}
+    cpu = {m: [] for m in METHODS}
+    for _ in range(p["rounds"]):
+        for m in METHODS:
+            c0 = time.process_time()
+            samples[m].append(time_call(lambda m=m: methods[m].step(rows), repeat=1, warmup=0, min_time=0.0))
+            cpu[m].append(time.process_time() - c0)
     results = {}
+    for m in METHODS:
+        meth = methods[m]
+        results[m] = dict(time=statistics.median(samples[m]), samples=samples[m], cpu=statistics.median(cpu[m]),
+                          trained=meth.trained_elements(), grad_bytes=meth.grad_bytes(),
+                          state_bytes=meth.state_bytes())
+    mem = cpu_memory(preset) if p["device"] == "cpu" else {}
+    for m in METHODS:
+        results[m]["peak_above_model"] = mem.get(m, {}).get("peak_above_model")
+        results[m]["peak"] = mem.get(m, {}).get("peak_rss")
+    return results, heads, check
 
-    if not sequential:  # one model per method, interleaved rounds
-        models = {m: build_model(p) for m in METHODS}
-        heads = random_heads(models["spt"], p["k"], seed=0)
-        methods = {m: Method(m, models[m], heads, p) for m in METHODS}
-        for m in METHODS:
-            for _ in range(p["warmup"]):
-                methods[m].step(rows)
-        check = grads_agree(methods)
-        samples = {m: [] for m in METHODS}
-        cpu = {m: [] for m in METHODS}
-        for _ in range(p["rounds"]):
-            for m in METHODS:
-                c0 = time.process_time()
-                samples[m].append(time_call(lambda m=m: methods[m].step(rows), repeat=1, warmup=0, min_time=0.0))
-                cpu[m].append(time.process_time() - c0)
-        for m in METHODS:
-            meth = methods[m]
-            results[m] = dict(time=statistics.median(samples[m]), samples=samples[m], cpu=statistics.median(cpu[m]),
-                              trained=meth.trained_elements(), grad_bytes=meth.grad_bytes(),
-                              state_bytes=meth.state_bytes())
-        mem = cpu_memory(preset) if dev == "cpu" else {}
-        for m in METHODS:
-            results[m]["peak_above_model"] = mem.get(m, {}).get("peak_above_model")
-            results[m]["peak"] = mem.get(m, {}).get("peak_rss")
-        del models, methods
-    else:  # one model, methods in turn (GPU: measure memory exactly with the CUDA allocator)
-        model = build_model(p)
-        heads = random_heads(model, p["k"], seed=0)
-        check = "n/a (one model, methods in turn)"
-        order = [m for m in ["floor", "spt", "paper", "lora", "full", "full_mp"] if m in methods_for(p)]
-        for m in order:  # the full fine-tunings last: they may run out of memory
-            if dev == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            meth = None
-            try:
-                meth = Method(m, model, heads, p)
-                t = time_call(lambda: meth.step(rows), repeat=p["rounds"], warmup=p["warmup"], min_time=0.0)
-                results[m] = dict(time=t, trained=meth.trained_elements(), grad_bytes=meth.grad_bytes(),
-                                  state_bytes=meth.state_bytes())
-            except torch.OutOfMemoryError as e:
-                results[m] = dict(time=None, oom="OOM: " + str(e).splitlines()[0][:100],
-                                  trained=sum(q.numel() for q in model.parameters()))
-            if dev == "cuda":
-                results[m]["peak"] = torch.cuda.max_memory_allocated()
-                results[m]["peak_above_model"] = results[m]["peak"] - base
-            if meth is None:  # failed while setting up: put the model back by hand
-                meth = Method.__new__(Method)
-                meth.__dict__.update(name=m, model=model, hooks=[], opt=None, masters=None, adapter=None, peft=None)
-            meth.teardown()
-            del meth
-            if dev == "cuda":
-                torch.cuda.empty_cache()
 
-    load1 = os.getloadavg()[0]
+def _run_one(m, model, heads, p, rows, dev):
+    """Method ``m`` on the shared model, then torn down; its result (or the OOM)."""
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    meth = None
+    try:
+        meth = Method(m, model, heads, p)
+        t = time_call(lambda: meth.step(rows), repeat=p["rounds"], warmup=p["warmup"], min_time=0.0)
+        result = dict(time=t, trained=meth.trained_elements(), grad_bytes=meth.grad_bytes(),
+                      state_bytes=meth.state_bytes())
+    except torch.OutOfMemoryError as e:
+        result = dict(time=None, oom="OOM: " + str(e).splitlines()[0][:100],
+                      trained=sum(q.numel() for q in model.parameters()))
+    if dev == "cuda":
+        result["peak"] = torch.cuda.max_memory_allocated()
+        result["peak_above_model"] = result["peak"] - base
+    if meth is None:  # failed while setting up: put the model back by hand
+        meth = Method.__new__(Method)
+        meth.__dict__.update(name=m, model=model, hooks=[], opt=None, masters=None, adapter=None, peft=None)
+    meth.teardown()
+    del meth
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _run_sequential(p, rows):
+    """One model, methods in turn (GPU: memory measured exactly with the CUDA allocator)."""
+    model = build_model(p)
+    heads = random_heads(model, p["k"], seed=0)
+    order = [m for m in ["floor", "spt", "paper", "lora", "full", "full_mp"] if m in methods_for(p)]
+    results = {m: _run_one(m, model, heads, p, rows, p["device"]) for m in order}  # full fine-tunings last: OOM
+    return results, heads, "n/a (one model, methods in turn)"
+
+
+def _table(p, results):
     floor = results["floor"]["time"]
     floor_cpu = results["floor"].get("cpu")
-    spt_elems = results["spt"]["trained"]
-    minimum = 12 * spt_elems
+    minimum = 12 * results["spt"]["trained"]
     table = []
     for m in [m for m in methods_for(p) if m in results]:
         r = results[m]
@@ -396,8 +396,12 @@ def run(preset, write=True, extra_notes=""):
             "peak_MB": None if r.get("peak") is None else r["peak"] / 2**20,
             "status": r.get("oom", "ok"),
         })
+    return table
+
+
+def _notes(preset, p, heads, spt_elems, check, load0, load1):
     lowest = min(l for l, _ in heads)
-    notes = (
+    return (
         f"Preset `{preset}`: Llama shapes hidden {p['hidden']}, {p['layers']} layers, {p['heads']} heads "
         f"({p['kv_heads']} KV), intermediate {p['intermediate']}, vocab {p['vocab']}, {p['dtype']}; batch of "
         f"{p['batch']} dialogues of ≤{p['seq']} tokens (loss on the last ~60 %). {p['k']} selected heads (seeded random): "
@@ -409,8 +413,23 @@ def run(preset, write=True, extra_notes=""):
         f"SPT vs paper slice gradients: {check}. Load average (1 min) {load0:.1f} before, {load1:.1f} after "
         f"(the machine is shared; a load above the core count inflates every time alike, since methods are "
         f"interleaved). Predicted `vs_floor` values were written down before the first measurement.")
-    columns = ["method", "step_ms", "vs_floor", "predicted_vs_floor", "cpu_ms", "cpu_vs_floor", "trained_elements", "grad_MB", "opt_state_MB",
-               "grad+state_vs_min", "peak_above_model_MB", "peak_MB", "status"]
+
+
+def run(preset, write=True, extra_notes=""):
+    p = PRESETS[preset]
+    dev = p["device"]
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"preset {preset!r} needs a CUDA GPU")
+    rows = make_batch(p)
+    load0 = os.getloadavg()[0]
+    if p.get("sequential", dev == "cuda"):
+        results, heads, check = _run_sequential(p, rows)
+    else:
+        results, heads, check = _run_interleaved(p, rows, preset)
+    table = _table(p, results)
+    notes = _notes(preset, p, heads, results["spt"]["trained"], check, load0, os.getloadavg()[0])
+    columns = ["method", "step_ms", "vs_floor", "predicted_vs_floor", "cpu_ms", "cpu_vs_floor", "trained_elements",
+               "grad_MB", "opt_state_MB", "grad+state_vs_min", "peak_above_model_MB", "peak_MB", "status"]
     threads = torch.get_num_threads()
     title = (f"Tuning step: SPT vs the paper's hooks, full fine-tuning and LoRA ({preset}"
              + (f", {threads} thread{'s' if threads > 1 else ''})" if dev == "cpu" else ")"))
