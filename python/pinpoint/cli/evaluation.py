@@ -135,7 +135,7 @@ def _run_row(run: str) -> dict:
     if (d / "results.json").is_file():
         found = True
         m = _read_json(d / "results.json").get("results", {}).get("all", {})
-        row["n"] = m.get("n")
+        row["kind"], row["n"] = "eval", m.get("n")
         for key, _ in _RATES:
             row[key], row[f"{key}_ci95"] = m.get(key), m.get(f"{key}_ci95")
     if (d / "general.json").is_file():
