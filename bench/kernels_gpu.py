@@ -112,17 +112,17 @@ def gpu_backends(device: torch.device, wanted: list[str] | None) -> tuple[list[s
 
 def attention_inputs(cfg, dev, dt, seed: int = 0) -> dict:
     name, R, Rk, Tq, Tk, Hq, Hkv, D, frac, bhtd, _ = cfg
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(dev, dt)  # noqa: E731
+    g = torch.Generator(device=dev).manual_seed(seed)  # on the device: CPU RNG of 10^8 values is slow
+    rnd = lambda *s: torch.randn(*s, generator=g, device=dev, dtype=dt)  # noqa: E731
     if bhtd:  # HF's layout: [B, H, T, D] tensors, passed as transposed views
         q, k, v = rnd(R, Hq, Tq, D).transpose(1, 2), rnd(Rk, Hkv, Tk, D).transpose(1, 2), rnd(Rk, Hkv, Tk, D).transpose(1, 2)
     else:
         q, k, v = rnd(R, Tq, Hq, D), rnd(Rk, Tk, Hkv, D), rnd(Rk, Tk, Hkv, D)
-    hm = torch.rand(R, Hq, generator=g) < frac
+    hm = torch.rand(R, Hq, generator=g, device=dev) < frac
     if frac <= 1 / Hq:  # exactly one head per row: row r patches head r % Hq
-        hm = torch.zeros(R, Hq, dtype=torch.bool)
+        hm = torch.zeros(R, Hq, dtype=torch.bool, device=dev)
         hm[torch.arange(R), torch.arange(R) % Hq] = True
-    return dict(q=q, k=k, v=v, head_mask=hm.to(dev), patch=rnd(1, Tq, Hq, D),
+    return dict(q=q, k=k, v=v, head_mask=hm, patch=rnd(1, Tq, Hq, D),
                 kv_index=(torch.arange(R) * Rk // R).to(dev), patch_index=torch.zeros(R, dtype=torch.long, device=dev))
 
 
@@ -187,14 +187,14 @@ def bench_attention(b: Bench, cfg, names: list[str]) -> None:
 
 def bench_grad(b: Bench, names: list[str], N: int, H: int, D: int, width: int) -> None:
     dt = torch.bfloat16 if b.dev.type == "cuda" else torch.float32
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(device=b.dev).manual_seed(1)
     heads_list = sorted({0, H // 4 - 1, H // 2 + 3, H - 1} & set(range(H)))
     heads = torch.tensor(heads_list, device=b.dev)
     for by in ("rows", "cols"):
         sec = f"head_slice_grad_{by}"
         out_f, in_f = (H * D, width) if by == "rows" else (width, H * D)
-        dy = torch.randn(N, out_f, generator=g).to(b.dev, dt)
-        x = torch.randn(N, in_f, generator=g).to(b.dev, dt)
+        dy = torch.randn(N, out_f, generator=g, device=b.dev, dtype=dt)
+        x = torch.randn(N, in_f, generator=g, device=b.dev, dtype=dt)
         want = ref.head_slice_grad(dy, x, heads, D, by=by)
         for bk in names:
             launcher = backends._launcher(bk, "head_slice_grad", b.dev)
@@ -219,23 +219,25 @@ def bench_linear(b: Bench, N: int, H: int, D: int, width: int) -> None:
     """head_slice_linear forward+backward vs dense F.linear on the merged weight with a full
     weight gradient masked to the selected heads (what hook-zeroed SPT computes)."""
     dt = torch.bfloat16 if b.dev.type == "cuda" else torch.float32
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator(device=b.dev).manual_seed(2)
     heads = [0, H // 4 - 1, H // 2 + 3, H - 1] if H >= 8 else [0, H - 1]
     idx = torch.tensor(heads, device=b.dev)
+    index = pk.SliceIndex(heads, D, H, device=b.dev)  # validated once, as an attached adapter does
+    rnd = lambda *s, dtype=dt: torch.randn(*s, generator=g, device=b.dev, dtype=dtype)  # noqa: E731
     for by in ("rows", "cols"):
         sec = f"head_slice_linear_{by}"
         out_f, in_f = (H * D, width) if by == "rows" else (width, H * D)
-        w = torch.randn(out_f, in_f, generator=g).to(b.dev, dt) * in_f ** -0.5
-        x = torch.randn(N, in_f, generator=g).to(b.dev, dt).requires_grad_()
-        dy = torch.randn(N, out_f, generator=g).to(b.dev, dt)
-        delta = (torch.randn(len(heads), *((D, in_f) if by == "rows" else (out_f, D)), generator=g) * 1e-2).to(b.dev)
+        w = rnd(out_f, in_f) * in_f ** -0.5
+        x = rnd(N, in_f).requires_grad_()
+        dy = rnd(N, out_f)
+        delta = (rnd(len(heads), *((D, in_f) if by == "rows" else (out_f, D)), dtype=torch.float32) * 1e-2)
         delta.requires_grad_()
         w_eff = ref.head_slice_apply(w.clone(), delta.detach(), idx, D, by=by)  # round(W + Δ), as merged
         cols = (idx[:, None] * D + torch.arange(D, device=b.dev)).reshape(-1)
 
         def sparse():
             x.grad = delta.grad = None
-            y = pk.head_slice_linear(x, w, None, delta, heads, D, by=by)
+            y = pk.head_slice_linear(x, w, None, delta, index, by=by)
             y.backward(dy)
             return y.detach(), x.grad, delta.grad
 
