@@ -1,6 +1,8 @@
 """tests/gpu: CUDA-only checks of the cuda and triton backends (marked `gpu`).
 
-Every test here is skipped when torch.cuda.is_available() is False. On a CUDA machine a
+Every test marked `gpu` is skipped when torch.cuda.is_available() is False. The CUDA
+emulator tests (test_emulated_kernels.py) carry no such marker on purpose: they run the CUDA
+sources on the CPU, so they run (their default subset) in every plain `pytest`. On a CUDA machine a
 backend that is not available (the _cuda extension not built, Triton missing) is skipped
 with the reason, unless PINPOINT_REQUIRE_CUDA_EXT=1 (set by bench/gpu_check.sh), which
 turns a missing _cuda extension into a failure.

@@ -232,3 +232,19 @@ def test_cases_catch_the_faults_they_target():
     for bug in (unpadded, unshared):
         with pytest.raises(self_check.SelfCheckMismatch):
             self_check.run("head_patched_attention", bug, CPU, torch.bfloat16)
+
+
+def test_check_ignores_default_device_and_dtype():
+    """The cases name their device and dtype, so a default-device context or a changed
+    default dtype cannot turn a healthy backend into a failed one."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("error", backends.SelfCheckWarning)
+            for op in self_check.OPS:
+                assert backends.resolve(op, CPU)[0] == "cpu"
+    finally:
+        torch.set_default_dtype(old)
+    assert len(backends.self_check_results()) == 9
+    assert all(err is None for err in backends.self_check_results().values())
