@@ -1,4 +1,5 @@
-"""Sparse head-slice gradients and slice merge/detach: validation and dispatch.
+"""Sparse head-slice gradients and slice merge/detach: validation, then the registered ops
+``pinpoint::head_slice_grad`` / ``pinpoint::head_slice_apply`` (which pick the backend).
 
 Definitions: :func:`pinpoint_kernels.reference.head_slice_grad` and
 :func:`pinpoint_kernels.reference.head_slice_apply`. A projection's "heads" are blocks of

@@ -45,7 +45,7 @@ import torch
 
 from . import backends, library
 from . import validation as V
-from .library import _oi
+from .library import oi_view
 
 __all__ = ["SliceIndex", "head_slice_linear", "effective_weight", "effective_bias"]
 
@@ -113,7 +113,7 @@ def effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: SliceInde
     dtype (exactly what :func:`head_slice_apply` merges), then cast to ``dtype`` if given.
     A full copy of W: for inspection and tests; the op itself merges in place instead."""
     w = weight.detach().clone()
-    backends.resolve("head_slice_apply", w.device)[1](_oi(w, layout), delta.detach().contiguous(), index.heads,
+    backends.resolve("head_slice_apply", w.device)[1](oi_view(w, layout), delta.detach().contiguous(), index.heads,
                                                       index.head_dim, by=by, alpha=1.0)
     return w if dtype is None or dtype == w.dtype else w.to(dtype)
 
@@ -121,7 +121,7 @@ def effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: SliceInde
 def effective_bias(bias: torch.Tensor, delta_bias: torch.Tensor, index: SliceIndex,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """A new tensor b + scatter(Δb) (fp32 sum, one rounding), cast to ``dtype`` if given."""
-    b = library._merged_bias(bias, delta_bias, index.heads, index.head_dim)
+    b = library.merged_bias(bias, delta_bias, index.heads, index.head_dim)
     return b if dtype is None or dtype == b.dtype else b.to(dtype)
 
 
@@ -139,7 +139,7 @@ def _check(x, weight, bias, delta, delta_bias, index, by, layout):
         V.float_dtype(op, name, t)
     V.same_device(op, "x", x, weight=weight, delta=delta, bias=bias, delta_bias=delta_bias,
                   heads=index.heads)
-    out_f, in_f = _oi(weight, layout).shape
+    out_f, in_f = oi_view(weight, layout).shape
     if x.shape[-1] != in_f:
         raise ValueError(f"{op}: x has {x.shape[-1]} input features but the weight takes {in_f}")
     D, S = index.head_dim, len(index)
@@ -194,7 +194,7 @@ def head_slice_linear(
             raise ValueError("head_slice_linear: head_dim is required when heads is not a SliceIndex")
         if by not in _BY or layout not in _LAYOUTS or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             _check(x, weight, bias, delta, delta_bias, None, by, layout)  # raises the precise error
-        feats = _oi(weight, layout).shape[0 if by == "rows" else 1]
+        feats = oi_view(weight, layout).shape[0 if by == "rows" else 1]
         if isinstance(head_dim, int) and not isinstance(head_dim, bool) and head_dim > 0 and feats % head_dim:
             raise ValueError(f"head_slice_linear: weight has {feats} {'output' if by == 'rows' else 'input'} "
                              f"features, not a multiple of head_dim {head_dim}")

@@ -134,7 +134,7 @@ def _(weight, slices, heads, head_dim, by, alpha, backend):
 
 # ---- head_slice_linear --------------------------------------------------------------------
 
-def _oi(w: Tensor, layout: str) -> Tensor:
+def oi_view(w: Tensor, layout: str) -> Tensor:
     """The [out, in] view of a weight stored in `layout` ("linear" [out, in], "conv1d" [in, out])."""
     return w if layout == "linear" else w.t()
 
@@ -174,14 +174,14 @@ def merged_weight(weight: Tensor, delta: Tensor, heads: Tensor, head_dim: int, b
         _, apply = backends.resolve("head_slice_apply", weight.device)
         try:
             with writing():
-                apply(_oi(weight.data, layout), delta.detach().contiguous(), heads, head_dim, by=by, alpha=1.0)
+                apply(oi_view(weight.data, layout), delta.detach().contiguous(), heads, head_dim, by=by, alpha=1.0)
             yield weight
         finally:
             with writing():
                 blocks.index_copy_(dim, heads, original)
 
 
-def _merged_bias(bias: Tensor, delta_bias: Tensor, heads: Tensor, head_dim: int) -> Tensor:
+def merged_bias(bias: Tensor, delta_bias: Tensor, heads: Tensor, head_dim: int) -> Tensor:
     """b + scatter(Δb) as a new [out] tensor (a bias is small; copying it is cheap)."""
     b = bias.detach().clone()
     _, apply = backends.resolve("head_slice_apply", b.device)
@@ -214,7 +214,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, de
     with _no_autocast(x.device):
         b = None
         if bias is not None:
-            b = _merged_bias(bias, delta_bias, heads, head_dim) if delta_bias is not None else bias.detach()
+            b = merged_bias(bias, delta_bias, heads, head_dim) if delta_bias is not None else bias.detach()
             b = b.to(compute_dtype)
         with merged_weight(weight, delta, heads, head_dim, by, layout) as w:
             # Under autocast the cast is a full copy, exactly as a stock nn.Linear makes one.
@@ -226,7 +226,7 @@ head_slice_linear = _op("head_slice_linear")(_linear)
 
 @head_slice_linear.register_fake
 def _(x, weight, bias, delta, delta_bias, heads, features, head_dim, by, layout, compute_dtype):
-    out_f = _oi(weight, layout).shape[0]
+    out_f = oi_view(weight, layout).shape[0]
     return x.new_empty(*x.shape[:-1], out_f, dtype=compute_dtype)
 
 
@@ -235,7 +235,7 @@ def _input_grad(dy: Tensor, weight: Tensor, delta: Tensor, heads: Tensor, featur
     """dY [N, out] -> dX = dY · (W + scatter(Δ)) [N, in] in compute_dtype, on the merged weight."""
     with _no_autocast(dy.device):
         with merged_weight(weight, delta, heads, head_dim, by, layout) as w:
-            return dy.to(compute_dtype) @ _oi(w.detach().to(compute_dtype), layout)
+            return dy.to(compute_dtype) @ oi_view(w.detach().to(compute_dtype), layout)
 
 
 head_slice_linear_input_grad = _op("head_slice_linear_input_grad")(_input_grad)
@@ -243,7 +243,7 @@ head_slice_linear_input_grad = _op("head_slice_linear_input_grad")(_input_grad)
 
 @head_slice_linear_input_grad.register_fake
 def _(dy, weight, delta, heads, features, head_dim, by, layout, compute_dtype):
-    return dy.new_empty(dy.shape[0], _oi(weight, layout).shape[1], dtype=compute_dtype)
+    return dy.new_empty(dy.shape[0], oi_view(weight, layout).shape[1], dtype=compute_dtype)
 
 
 def _linear_setup(ctx, inputs, output):
