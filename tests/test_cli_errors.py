@@ -148,6 +148,20 @@ def test_an_internal_error_prints_the_traceback_and_asks_for_a_report(exc, model
     assert not (tmp_path / "o").exists()  # and nothing half-written
 
 
+def test_a_library_input_error_is_one_line(model_dir, tmp_path, capsys, monkeypatch):
+    from pinpoint.errors import InputError
+
+    def too_long(*a, **k):
+        raise InputError("pairs[0].base is 500 tokens, longer than the model's context of 128\nmore detail")
+
+    monkeypatch.setattr(module("locate"), "locate", too_long)
+    rc = main(["locate", "--model", str(model_dir), "--data", ROWS, "--limit", "2", "--out", str(tmp_path / "o"),
+               "--quiet"])
+    assert rc == 2
+    _one_line(capsys, "pairs[0].base is 500 tokens, longer than the model's context of 128")
+    assert not (tmp_path / "o").exists()
+
+
 def test_ctrl_c_is_one_line_exit_130(model_dir, tmp_path, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt

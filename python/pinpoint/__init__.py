@@ -25,7 +25,7 @@ _LAZY = {
     "ablate": "patching", "head_means": "patching",
     "PromptPair": "prompts",
     "FullTuning": "tune", "tune": "tune",
-    "UserError": "errors",
+    "UserError": "errors", "InputError": "errors",
 }
 _SUBPACKAGES = ("data", "organism")
 

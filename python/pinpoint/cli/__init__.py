@@ -6,7 +6,8 @@ Every model command reads a local model directory (``--model DIR``, as saved by
 ``--overwrite``; a concurrent run into the same ``--out`` fails fast; results are moved into
 place only when the command finishes).
 
-Errors: a user's mistake is a :class:`pinpoint.errors.UserError`, printed as one line
+Errors: a user's mistake is a :class:`pinpoint.errors.UserError` (or a library
+:class:`pinpoint.errors.InputError` about the data), printed as one line
 ``pinpoint: error: ...`` with exit status 2 (argparse's usage errors too). Anything else is a
 bug: the traceback is printed with a line asking for a report, exit status 1. Ctrl-C exits
 with 130 and one line saying what was saved and how to continue.
@@ -21,7 +22,7 @@ import argparse
 import sys
 import traceback
 
-from ..errors import UserError
+from ..errors import InputError, UserError
 from . import analysis, evaluation, misc, training
 from .common import THREADS_HELP, add_threads, set_threads
 
@@ -130,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
             hf_logging.disable_progress_bar()
         return args.fn(args)
-    except UserError as exc:
-        print(f"pinpoint: error: {exc}", file=sys.stderr)
+    except (UserError, InputError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"pinpoint: error: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\npinpoint: interrupted: {_interrupted(args)}", file=sys.stderr)
