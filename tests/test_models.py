@@ -397,3 +397,25 @@ def test_rejects_an_unknown_attention_implementation():
     model = tiny_model("llama")
     model.config._attn_implementation = "my_sparse_attention"
     _raises(model, "attention implementation 'my_sparse_attention'", "attn_implementation='sdpa'")
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_phi3_fused_qkv_rows_are_the_head_slices(n_kv):
+    """Phi-3 fuses q/k/v into one qkv_proj ([q | k | v] rows): each projection is a row block of
+    it, and applying the projections reproduces the fused module's output."""
+    cfg = tf.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=128,
+                        sliding_window=None, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = tf.Phi3ForCausalLM(cfg).eval()
+    a = adapter_for(model)
+    layer = a.layers[1]
+    fused = model.model.layers[1].self_attn.qkv_proj
+    assert layer.q.module is layer.k.module is layer.v.module is fused
+    assert (layer.k.out_offset, layer.v.out_offset) == (32, 32 + 8 * n_kv)
+    x = torch.randn(3, 32)
+    y = fused(x)
+    got = torch.cat([layer.q.apply(x), layer.k.apply(x), layer.v.apply(x)], -1)
+    torch.testing.assert_close(got, y)
+    fused.weight.data[-1] = 0  # a wrong shape is refused by name
+    model.model.layers[0].self_attn.qkv_proj = nn.Linear(32, 40, bias=False)
+    _raises(model, "qkv_proj.weight", "has shape (40, 32)")

@@ -9,7 +9,7 @@ model class and the missing or unsupported attribute.
 Two module layouts are understood:
 
 - Llama family (Llama, Mistral, Qwen2 and relatives): ``model.model.layers[i]`` with
-  ``self_attn.{q,k,v,o}_proj`` (``nn.Linear``), ``input_layernorm``,
+  ``self_attn.{q,k,v,o}_proj`` (``nn.Linear``; Phi-3 fuses q/k/v into ``qkv_proj``), ``input_layernorm``,
   ``post_attention_layernorm``, ``mlp``; ``model.model.norm``, ``model.model.embed_tokens``,
   rotary position embeddings.
 - GPT-2 family: ``model.transformer.h[i]`` with a fused ``attn.c_attn`` (``Conv1D``, output
@@ -258,7 +258,6 @@ _INCOMPATIBLE_MODEL_TYPES = {
     "olmo2": ("normalises queries and keys across all heads together (q_norm over n_heads*head_dim), so one head's "
               "q/k rows are not separable, and normalises after attention and after the MLP (post-norm blocks)"),
     "olmo3": "normalises queries and keys across all heads together and uses post-norm blocks",
-    "phi3": "fuses q, k and v into one qkv_proj matrix, which pinpoint's head slices do not address yet",
     "phimoe": "fuses q, k and v into one qkv_proj matrix and routes MLPs through experts",
     "phi": "runs attention and MLP in parallel from one norm and rotates only part of each head",
 }
@@ -378,6 +377,33 @@ def _linear_projection(model, module, offset, size, where) -> Projection:
 # Layouts.
 
 
+def _llama_projections(model, attn, wa: str, n_heads: int, n_kv: int, head_dim: int, hidden: int):
+    """(q, k, v, o) of a Llama-layout attention module: separate ``q_proj``/``k_proj``/``v_proj``,
+    or Phi-3's fused ``qkv_proj`` (rows ``[q | k | v]``: each head's slice is a block of rows of
+    the fused matrix), and ``o_proj``. Shapes are checked against the config."""
+    why = f"{n_heads} heads, {n_kv} kv heads, head_dim {head_dim}, hidden {hidden}"
+    nq, nk = n_heads * head_dim, n_kv * head_dim
+    if getattr(attn, "qkv_proj", None) is not None:
+        _check_children(model, attn, {"qkv_proj", "o_proj"}, wa)
+        fused = _get(model, attn, "qkv_proj", wa)
+        q = _linear_projection(model, fused, 0, nq, f"{wa}.qkv_proj")
+        k = _linear_projection(model, fused, nq, nk, f"{wa}.qkv_proj")
+        v = _linear_projection(model, fused, nq + nk, nk, f"{wa}.qkv_proj")
+        _expect_shape(model, fused.weight, (nq + 2 * nk, hidden), f"{wa}.qkv_proj.weight", why)
+    else:
+        _check_children(model, attn, {"q_proj", "k_proj", "v_proj", "o_proj"}, wa)
+        mods = {p: _get(model, attn, p, wa) for p in ("q_proj", "k_proj", "v_proj")}
+        q = _linear_projection(model, mods["q_proj"], 0, nq, f"{wa}.q_proj")
+        k = _linear_projection(model, mods["k_proj"], 0, nk, f"{wa}.k_proj")
+        v = _linear_projection(model, mods["v_proj"], 0, nk, f"{wa}.v_proj")
+        _expect_shape(model, q.module.weight, (nq, hidden), f"{wa}.q_proj.weight", why)
+        _expect_shape(model, k.module.weight, (nk, hidden), f"{wa}.k_proj.weight", why)
+        _expect_shape(model, v.module.weight, (nk, hidden), f"{wa}.v_proj.weight", why)
+    o = _linear_projection(model, _get(model, attn, "o_proj", wa), 0, hidden, f"{wa}.o_proj")
+    _expect_shape(model, o.module.weight, (hidden, nq), f"{wa}.o_proj.weight", why)
+    return q, k, v, o
+
+
 def _llama_family(model: nn.Module, config: Any, body: nn.Module) -> dict:
     decoder = _get(model, body, "layers", "model", nn.ModuleList)
     hidden = int(config.hidden_size)
@@ -406,17 +432,7 @@ def _llama_family(model: nn.Module, config: Any, body: nn.Module) -> dict:
         post_norm = _get(model, block, "post_attention_layernorm", w)
         _check_children(model, block, {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}, w)
         wa = f"{w}.self_attn"
-        _check_children(model, attn, {"q_proj", "k_proj", "v_proj", "o_proj"}, wa)
-        mods = {p: _get(model, attn, p, wa) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        q = _linear_projection(model, mods["q_proj"], 0, n_heads * head_dim, f"{wa}.q_proj")
-        k = _linear_projection(model, mods["k_proj"], 0, n_kv * head_dim, f"{wa}.k_proj")
-        v = _linear_projection(model, mods["v_proj"], 0, n_kv * head_dim, f"{wa}.v_proj")
-        o = _linear_projection(model, mods["o_proj"], 0, hidden, f"{wa}.o_proj")
-        why = f"{n_heads} heads, {n_kv} kv heads, head_dim {head_dim}, hidden {hidden}"
-        _expect_shape(model, q.module.weight, (n_heads * head_dim, hidden), f"{wa}.q_proj.weight", why)
-        _expect_shape(model, k.module.weight, (n_kv * head_dim, hidden), f"{wa}.k_proj.weight", why)
-        _expect_shape(model, v.module.weight, (n_kv * head_dim, hidden), f"{wa}.v_proj.weight", why)
-        _expect_shape(model, o.module.weight, (hidden, n_heads * head_dim), f"{wa}.o_proj.weight", why)
+        q, k, v, o = _llama_projections(model, attn, wa, n_heads, n_kv, head_dim, hidden)
         groups = getattr(attn, "num_key_value_groups", None)
         if groups is not None and groups != n_heads // n_kv:
             raise _fail(model, f"`{wa}.num_key_value_groups`={groups} but config implies {n_heads // n_kv}")

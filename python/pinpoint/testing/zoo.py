@@ -41,12 +41,14 @@ def chat_template(name: str) -> str:
     return (_HERE / f"{name}.jinja").read_text(encoding="utf-8")
 
 
-# Beyond-the-paper families whose real templates are long: the same turn markers, simplified.
+# Phi-3-mini-instruct's template as its tokenizer_config.json carries it.
 _PHI3_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
     "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
     "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+# Qwen3, OLMo-2 and Granite (refused families) ship long templates (thinking, tools, dates):
+# these keep their turn markers only.
 _CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
     "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -160,7 +162,7 @@ def _families() -> dict[str, Family]:
                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True),
                torch.float32, "bytelevel", ("<|endoftext|>",), "<|endoftext|>", "<|endoftext|>", None,
                "GPT2Tokenizer", unk="<|endoftext|>"),
-        # Beyond the paper: refused today, each by name (see models.py).
+        # Beyond the paper. Phi-3 (fused qkv_proj) is supported; the others are refused by name.
         Family("qwen3", "Qwen/Qwen3-0.6B", "Qwen3Config",
                dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=32, max_position_embeddings=40960, rope_theta=1e6,
@@ -180,7 +182,7 @@ def _families() -> dict[str, Family]:
                     sliding_window=2047, rope_theta=10000.0, tie_word_embeddings=False),
                torch.bfloat16, "sp", _SP + ("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"),
                "<s>", "<|endoftext|>", _PHI3_TEMPLATE, "LlamaTokenizer", unk="<unk>", pad="<|endoftext|>",
-               add_bos=True, eos_ids=("<|endoftext|>", "<|end|>"), refusal="qkv_proj"),
+               add_bos=True, eos_ids=("<|endoftext|>", "<|end|>")),
         Family("granite", "ibm-granite/granite-3.1-2b-instruct", "GraniteConfig",
                dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=1, max_position_embeddings=131072, rope_theta=5e6,
