@@ -80,8 +80,9 @@ step_build() {
 }
 
 step_cuda_tests() {
-  CUDA_LAUNCH_BLOCKING=1 "$PY" -m pytest tests/gpu/test_cuda_kernels.py -q -p no:cacheprovider \
-    --hypothesis-seed=0 -k "not triton" -o addopts="-ra --import-mode=importlib"
+  CUDA_LAUNCH_BLOCKING=1 PINPOINT_GPU_EXAMPLES=${PINPOINT_GPU_EXAMPLES:-10} \
+    "$PY" -m pytest tests/gpu/test_cuda_kernels.py -q -p no:cacheprovider \
+    --hypothesis-seed=0 -k "not triton" --confcutdir=tests/gpu -o addopts="-ra --import-mode=importlib"
 }
 
 step_memcheck() {
@@ -100,7 +101,7 @@ step_triton_tests() {
   local par=()
   if "$PY" -c "import xdist" 2>/dev/null; then par=(-n 8); else echo "pytest-xdist missing: running serially"; fi
   PINPOINT_GPU_EXAMPLES=${PINPOINT_GPU_EXAMPLES:-6} "$PY" -m pytest tests/gpu/test_cuda_kernels.py -q \
-    -p no:cacheprovider --hypothesis-seed=0 -k triton "${par[@]}" -o addopts="-ra --import-mode=importlib"
+    -p no:cacheprovider --hypothesis-seed=0 -k triton "${par[@]}" --confcutdir=tests/gpu -o addopts="-ra --import-mode=importlib"
 }
 
 step_benchmarks() {

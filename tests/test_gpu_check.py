@@ -58,6 +58,8 @@ def test_dry_run_names_every_step_with_a_cap_within_330s():
         assert re.search(rf"^{fn}\(\) {{", text, re.M), fn
     assert "CUDA_LAUNCH_BLOCKING=1" in text and "-n 8" in text and "--tool memcheck" in text
     assert "--tool racecheck" in text
+    # the kernel tests load only tests/gpu/conftest.py and no pytest-benchmark option
+    assert text.count("--confcutdir=tests/gpu") == 2 and text.count('-o addopts="-ra --import-mode=importlib"') == 2
 
 
 def test_dry_run_finds_nvcc_in_cuda_home_first(tmp_path):
