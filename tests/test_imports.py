@@ -171,3 +171,14 @@ def test_each_module_imports_alone(module):
     r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_text_chat_data_and_judges_import_without_torch():
+    """The bottom of the chain (text, chat) and the data layer and judges on it load neither torch
+    nor transformers when imported: generation imports them when it runs."""
+    code = ("import sys, pinpoint.text, pinpoint.chat, pinpoint.prompts, pinpoint.data, pinpoint.judges; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    env = dict(os.environ, PINPOINT_SELF_CHECK="0")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", r.stdout

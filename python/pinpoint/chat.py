@@ -6,10 +6,13 @@ prefilling the assistant, marking assistant tokens for the loss, and batched gre
 * ``chat_ids(tokenizer, messages, prefill=None)``: ids of a prompt the model answers next,
   its assistant turn opened (and started with ``prefill`` when given).
 * ``render_dialogue(tokenizer, messages)``: (ids, labels) with labels on assistant tokens only
-  (``IGNORE`` elsewhere); ``message_span`` finds one assistant message's tokens;
+  (``pinpoint.batching.IGNORE`` elsewhere); ``message_span`` finds one assistant message's tokens;
   ``tokenize_dialogues`` renders a list of dialogues with a length policy.
 * ``generate_texts(model, tokenizer, prompts)``: greedy continuations of token-id prompts in
   left-padded batches.
+
+Importing this module loads neither torch nor transformers (the data layer and the judges
+import it); generation imports them when it runs.
 """
 from __future__ import annotations
 
@@ -18,13 +21,7 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 
-import torch
-
-from .batching import IGNORE, input_device, length_batches, pad, pad_id
-from .modes import eval_mode
-from .progress import progress as progress_bar
-
-__all__ = ["IGNORE", "require_chat_template", "render_chat", "chat_ids", "dialogue_messages", "render_dialogue",
+__all__ = ["require_chat_template", "render_chat", "chat_ids", "dialogue_messages", "render_dialogue",
            "message_span", "tokenize_dialogues", "generate_texts", "eos_ids", "max_positions"]
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -110,6 +107,8 @@ def render_dialogue(tokenizer, messages: list[dict], *, where: str = "dialogue")
     deliberately wrong first answer of a "revise" dialogue) is context only. Uses the
     template's ``{% generation %}`` marks when present, else renders growing prefixes and labels
     what each assistant message adds after the generation prompt."""
+    from .batching import IGNORE  # here, not at the top: importing chat must not load torch
+
     template = getattr(tokenizer, "chat_template", None)
     if tokenizer is None or template is None:
         raise ValueError(f"{where}: the tokenizer has no chat template, so dialogues cannot be rendered; set "
@@ -149,6 +148,8 @@ def message_span(tokenizer, messages, k: int, full: list[int], where: str = "dia
 def tokenize_dialogues(tokenizer, dialogues, *, max_length: int, too_long: str = "truncate"):
     """Render every dialogue; returns a list of (ids, labels). Long ones are truncated (with
     one warning) or rejected, by ``too_long``."""
+    from .batching import IGNORE
+
     if too_long not in ("truncate", "error"):
         raise ValueError(f"too_long must be 'truncate' (keep the first max_length tokens, with a warning) "
                          f"or 'error', got {too_long!r}")
@@ -264,7 +265,12 @@ def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_ne
     only from its 5th word or later; the first new token always agreed (fp32: 0 of 126).
     ``tests/test_chat.py`` holds these bounds. Compare runs at one batch size in half precision.
     """
+    import torch
     from transformers import GenerationConfig
+
+    from .batching import input_device, length_batches, pad, pad_id
+    from .modes import eval_mode
+    from .progress import progress as progress_bar
 
     prompts = _check_prompts(model, prompts, max_new_tokens, batch_size)
     if not prompts:
