@@ -194,6 +194,11 @@ def test_replica_is_cached_deterministic_and_written_atomically(tmp_path):
     assert not torch.equal(load_file(c / "model.safetensors")["model.embed_tokens.weight"],
                            wa["model.embed_tokens.weight"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    # A replica built by other code (another build hash) is rebuilt, never reused.
+    (a / "pinpoint_replica.json").write_text(json.dumps({**stamp, "build": "stale"}))
+    (a / "model.safetensors").unlink()
+    replica("smollm2", tmp_path / "a")
+    assert json.loads((a / "pinpoint_replica.json").read_text()) == stamp and (a / "model.safetensors").exists()
     with pytest.raises(ValueError, match="unknown replica family 'llama9'; choose one of llama2-chat"):
         replica("llama9", tmp_path / "x")
     (tmp_path / "mine").mkdir()

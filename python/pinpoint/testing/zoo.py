@@ -9,7 +9,7 @@ on a small built-in corpus (see ``corpus.py``); the family's chat template as it
 
     import pinpoint as pp
     from pinpoint.testing import replica
-    path = replica("llama3.1")           # ~/.cache/pinpoint/replicas/llama3.1-v1-seed0
+    path = replica("llama3.1")           # ~/.cache/pinpoint/replicas/llama3.1-seed0-<hash>
     model = AutoModelForCausalLM.from_pretrained(path); tok = AutoTokenizer.from_pretrained(path)
 
 ``FAMILIES`` maps each name to its :class:`Family` (what it mimics and whether pinpoint
@@ -256,7 +256,7 @@ def _model(fam: Family, tok, seed: int):
     return model.to(fam.dtype).eval()
 
 
-def _write(fam: Family, out: Path, seed: int) -> None:
+def _write(fam: Family, out: Path, seed: int, build: str) -> None:
     tok = _tokenizer(fam)
     model = _model(fam, tok, seed)
     model.save_pretrained(out)
@@ -271,7 +271,8 @@ def _write(fam: Family, out: Path, seed: int) -> None:
     cfg.update(fam.extra_tokenizer_config)
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     (out / "pinpoint_replica.json").write_text(json.dumps(
-        {"family": fam.name, "mimics": fam.mimics, "seed": seed, "zoo_version": ZOO_VERSION}, indent=2))
+        {"family": fam.name, "mimics": fam.mimics, "seed": seed, "zoo_version": ZOO_VERSION, "build": build},
+        indent=2))
 
 
 def _cache_root() -> Path:
@@ -280,27 +281,43 @@ def _cache_root() -> Path:
     return cache_root() / "replicas"
 
 
+def _build_hash() -> str:
+    """Short hash of everything a replica is built from (this package's sources and templates,
+    the transformers/tokenizers versions): a cached replica from other code is never reused."""
+    import hashlib
+
+    import tokenizers
+    import transformers
+
+    h = hashlib.sha256(f"{ZOO_VERSION} {transformers.__version__} {tokenizers.__version__}".encode())
+    for f in sorted(_HERE.glob("*.py")) + sorted(_HERE.glob("*.jinja")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:10]
+
+
 def replica(family: str | Family, dir: str | os.PathLike | None = None, *, seed: int = 0,
             force: bool = False) -> Path:
     """Path of a saved replica of ``family`` (a name in ``FAMILIES``), built offline in seconds.
 
-    ``dir``: where to put it (default: ``<pinpoint cache>/replicas/<family>-v<ZOO_VERSION>-seed<seed>``,
-    reused when it already holds this replica). The directory is written under a temporary name
+    ``dir``: where to put it (default: ``<pinpoint cache>/replicas/<family>-seed<seed>-<build hash>``),
+    reused when it already holds this replica built by this code (the stamp file
+    ``pinpoint_replica.json`` records family, seed and a hash of the builder's sources). The directory is written under a temporary name
     and renamed into place, so a crash never leaves half a replica. ``force`` rebuilds it.
     """
     fam = _family(family)
-    out = Path(dir).expanduser() if dir is not None else _cache_root() / f"{fam.name}-v{ZOO_VERSION}-seed{seed}"
+    build = _build_hash()
+    out = Path(dir).expanduser() if dir is not None else _cache_root() / f"{fam.name}-seed{seed}-{build}"
     stamp = out / "pinpoint_replica.json"
     if stamp.exists() and not force:
         meta = json.loads(stamp.read_text())
-        if meta.get("family") == fam.name and meta.get("seed") == seed and meta.get("zoo_version") == ZOO_VERSION:
+        if (meta.get("family"), meta.get("seed"), meta.get("build")) == (fam.name, seed, build):
             return out
     if out.exists() and any(out.iterdir()) and not stamp.exists():
         raise FileExistsError(f"{out} exists and is not a pinpoint replica; pass another dir")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        _write(fam, tmp, seed)
+        _write(fam, tmp, seed, build)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
