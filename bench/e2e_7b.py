@@ -5,10 +5,10 @@ Shapes are Llama-2-7B's (hidden 4096, 32 heads of 128, MLP 11008, vocab 32000) w
 API runs: ``pp.locate``, ``pp.knockout``, ``pp.attach`` and ``model.generate``; the
 cross-checks are plain forward hooks on the stock ``transformers`` model:
 
-1. ``locate(method="path")`` vs a per-head hook loop (the paper's method: patch one head's
-   output at the last position from the source run, freeze every later layer's attention
-   output there, rerun) on ``--loop-heads`` heads: same scores within tolerance. The loop's
-   time per head, times L*H, extrapolates the full loop (said so in the output).
+1. ``locate(method="path")`` vs the paper's batched hook loop (per head: patch its output at
+   the last position from the source run, freeze every later layer's attention output
+   there, rerun all pairs in one batch) on ``--loop-heads`` heads: same scores within
+   tolerance. The loop's time per head, times L*H, extrapolates the full loop (said so).
 2. ``knockout`` (mean ablation, through the fused head-patched attention kernel): k=0 is the
    base metric, k=1 equals a hook that writes the head's mean output at every position.
 3. 10 SPT steps with 32 heads (``pp.attach`` q/k/v/o slices, AdamW on a fixed batch): the
@@ -83,46 +83,47 @@ def _attn(model, layer: int):
     return model.model.layers[layer].self_attn
 
 
-def _run(model, ids: list[int], hooks=()) -> torch.Tensor:
-    """Last-position logits [vocab] of one prompt, with (module, kind, fn) hooks installed."""
+def _run(model, prompts: list[list[int]], hooks=()) -> torch.Tensor:
+    """Last-position logits [B, vocab] of equal-length prompts (one batched forward), with
+    (module, kind, fn) forward hooks installed for the call."""
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("the hook loop batches prompts of one length (make_pairs gives that)")
     handles = [getattr(m, f"register_forward_{kind}hook")(fn) for m, kind, fn in hooks]
     try:
         with torch.no_grad():
-            x = torch.tensor([ids], device=model.device)
-            return model(x).logits[0, -1]
+            return model(torch.tensor(prompts, device=model.device)).logits[:, -1]
     finally:
         for h in handles:
             h.remove()
 
 
 def loop_path_score(model, pairs, layer: int, head: int) -> float:
-    """The per-head hook loop: mean over pairs of metric(patched) - metric(base)."""
+    """The paper's batched hook loop for one head: mean over pairs of metric(patched) -
+    metric(base), where the head's output at the last position comes from the source run
+    and every later layer's attention output there is frozen to the base run's."""
     L, D = model.config.num_hidden_layers, model.config.hidden_size // model.config.num_attention_heads
     cols = slice(head * D, (head + 1) * D)
-    diffs = []
-    for pair in pairs:
-        rec: dict = {}
-        _run(model, pair.source, [(_attn(model, layer).o_proj, "pre_",
-                                   lambda m, a: rec.__setitem__("z", a[0][0, -1, cols].clone()))])
-        base_hooks = [(_attn(model, i), "", lambda m, a, o, i=i: rec.__setitem__(i, o[0][0, -1].clone()))
-                      for i in range(L)]
-        base = _run(model, pair.base, base_hooks)
+    base_ids, source_ids = [p.base for p in pairs], [p.source for p in pairs]
+    rec: dict = {}
+    _run(model, source_ids, [(_attn(model, layer).o_proj, "pre_",
+                              lambda m, a: rec.__setitem__("z", a[0][:, -1, cols].clone()))])
+    base = _run(model, base_ids, [(_attn(model, i), "", lambda m, a, o, i=i: rec.__setitem__(i, o[0][:, -1].clone()))
+                                  for i in range(L)])
 
-        def patch_z(m, a):
-            z = a[0].clone()
-            z[0, -1, cols] = rec["z"]
-            return (z,) + tuple(a[1:])
+    def patch_z(m, a):
+        z = a[0].clone()
+        z[:, -1, cols] = rec["z"]
+        return (z,) + tuple(a[1:])
 
-        def freeze(m, a, o, i):
-            out = o[0].clone()
-            out[0, -1] = rec[i]
-            return (out,) + tuple(o[1:])
+    def freeze(m, a, o, i):
+        out = o[0].clone()
+        out[:, -1] = rec[i]
+        return (out,) + tuple(o[1:])
 
-        hooks = [(_attn(model, layer).o_proj, "pre_", patch_z)]
-        hooks += [(_attn(model, i), "", lambda m, a, o, i=i: freeze(m, a, o, i)) for i in range(layer + 1, L)]
-        patched = _run(model, pair.base, hooks)
-        diffs.append(float(metric(patched[None]) - metric(base[None])))
-    return sum(diffs) / len(diffs)
+    hooks = [(_attn(model, layer).o_proj, "pre_", patch_z)]
+    hooks += [(_attn(model, i), "", lambda m, a, o, i=i: freeze(m, a, o, i)) for i in range(layer + 1, L)]
+    patched = _run(model, base_ids, hooks)
+    return float((metric(patched) - metric(base)).mean())
 
 
 def loop_mean_ablation(model, pairs, layer: int, head: int) -> tuple[float, float]:
@@ -130,10 +131,9 @@ def loop_mean_ablation(model, pairs, layer: int, head: int) -> tuple[float, floa
     The mean is over every token of every base prompt, as knockout defines it."""
     D = model.config.hidden_size // model.config.num_attention_heads
     cols = slice(head * D, (head + 1) * D)
+    o_proj, base_ids = _attn(model, layer).o_proj, [p.base for p in pairs]
     zs = []
-    o_proj = _attn(model, layer).o_proj
-    base = [_run(model, p.base, [(o_proj, "pre_", lambda m, a: zs.append(a[0][0, :, cols].float()))])
-            for p in pairs]
+    base = _run(model, base_ids, [(o_proj, "pre_", lambda m, a: zs.append(a[0][:, :, cols].reshape(-1, D).float()))])
     mean = torch.cat(zs).mean(0)
 
     def ablate(m, a):
@@ -141,8 +141,8 @@ def loop_mean_ablation(model, pairs, layer: int, head: int) -> tuple[float, floa
         z[..., cols] = mean.to(z.dtype)
         return (z,) + tuple(a[1:])
 
-    ablated = [_run(model, p.base, [(o_proj, "pre_", ablate)]) for p in pairs]
-    return (float(metric(torch.stack(base)).mean()), float(metric(torch.stack(ablated)).mean()))
+    ablated = _run(model, base_ids, [(o_proj, "pre_", ablate)])
+    return float(metric(base).mean()), float(metric(ablated).mean())
 
 
 class Phases:
@@ -183,8 +183,7 @@ def tolerance(model, pairs) -> tuple[float, float]:
     """(atol, rtol) for metric values: fp32 agrees to rounding order (1e-4 of the logits'
     size); bf16 logits carry 8 significant bits, so allow 8 ulps of the metric's logits plus
     5 % (a coarse check: the strict one reruns the model in fp32)."""
-    with torch.no_grad():
-        logits = torch.stack([_run(model, p.base) for p in pairs]).float()
+    logits = _run(model, [p.base for p in pairs]).float()
     amax = max(float(logits[:, [A_TOKEN, Y_TOKEN]].abs().max()), 2.0**-8)
     if model.dtype == torch.float32:
         return 1e-4 * max(amax, 1.0), 0.0
