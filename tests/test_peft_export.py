@@ -97,5 +97,6 @@ def test_pinpoint_config_never_collides_with_peft(tmp_path):
     assert all(torch.equal(loaded.deltas[n], want[n]) for n in want)
     loaded.detach()
     (tmp_path / "pinpoint_adapter.json").unlink()
-    with pytest.raises(AdapterMismatchError, match=r"holds a PEFT adapter \(.*\), not a pinpoint adapter; load it with peft.PeftModel.from_pretrained"):
+    with pytest.raises(AdapterMismatchError,
+                       match=r"holds a PEFT adapter \(.*\), not a pinpoint adapter; load it with peft.PeftModel"):
         PinpointAdapter.load(tmp_path, tiny_model("llama", n_layers=3))

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from .batching import IGNORE, collate
+from .batching import IGNORE, collate, input_device
 from .files import atomic_torch_save
 from .modes import train_mode
 from .progress import progress as progress_bar
@@ -59,7 +59,7 @@ def accumulate_gradients(model, batch, *, grad_accum: int = 1, pad_id: int = 0,
     the whole batch divided by the batch's assistant-token count, so the accumulated gradient
     does not depend on ``grad_accum``. Returns that loss."""
     n_tok = sum(sum(1 for t in lab[1:] if t != IGNORE) for _, lab in batch)
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embedding's execution device (accelerate-aware)
     amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype is not None else nullcontext
     total = 0.0
     for chunk in _split(batch, grad_accum):
