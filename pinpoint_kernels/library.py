@@ -14,8 +14,9 @@ without running a kernel) and to ``torch.library.opcheck``:
 
 The ops take already validated, normalised arguments (the public functions in
 attention.py, head_slice.py and head_slice_linear.py check inputs once and call them).
-Backend choice (:func:`pinpoint_kernels.backends.resolve`) happens inside each op, at run
-time, so a compiled graph still dispatches to ``_C``/``_cuda``/Triton/reference.
+Backend choice (:func:`pinpoint_kernels.backends.resolve`, with its first-use self-check)
+happens inside each op, at run time, so a compiled graph still dispatches to
+``_C``/``_cuda``/Triton/reference.
 """
 from __future__ import annotations
 
@@ -169,9 +170,9 @@ def merged_weight(weight: Tensor, delta: Tensor, heads: Tensor, head_dim: int, b
     blocks, dim = _head_blocks(weight.data, head_dim, by, layout)
     # A weight made under inference_mode can only be written to inside it.
     writing = torch.inference_mode if weight.is_inference() else contextlib.nullcontext
+    _, apply = backends.resolve("head_slice_apply", weight.device)  # may self-check: not under the lock
     with _MERGE_LOCK:
         original = blocks.index_select(dim, heads)
-        _, apply = backends.resolve("head_slice_apply", weight.device)
         try:
             with writing():
                 apply(oi_view(weight.data, layout), delta.detach().contiguous(), heads, head_dim, by=by, alpha=1.0)
