@@ -63,6 +63,11 @@ def test_tune_prints_its_values_and_ctrl_c_then_resume(model_dir, heads_file, tm
     summary = json.loads((out / "tune.json").read_text())
     assert summary["kind"] == "spt" and summary["steps"] == 4 and summary["k"] == 2 and summary["lr"] == 1e-3
     assert (out / "adapter").is_dir() and summary["trainable_params"] > 0
+    capsys.readouterr()
+    assert _tune(model_dir, heads_file, out, "--resume", "--lr", "2e-3") == 2  # another run's checkpoint
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pinpoint: error: --resume: cannot resume from"), lines
+    assert "lr" in lines[0] and "--overwrite to start over" in lines[0]
 
 
 def test_tune_full_writes_a_loadable_model_that_eval_accepts(model_dir, tmp_path, capsys):
