@@ -443,5 +443,7 @@ def test_adapters_saved_with_the_full_hash_fingerprint_still_load(tmp_path):
         (tmp_path / name).write_text(json.dumps(cfg))
     adapter.detach()
     PinpointAdapter.load(tmp_path, tiny_model("llama", n_layers=3)).detach()
+    (tmp_path / "pinpoint_adapter.json").unlink()  # an old directory: only the old config name
+    PinpointAdapter.load(tmp_path, tiny_model("llama", n_layers=3)).detach()
     with pytest.raises(AdapterMismatchError, match="base weights .* differ"):
         PinpointAdapter.load(tmp_path, tiny_model("llama", n_layers=3, seed=2))
