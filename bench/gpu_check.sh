@@ -100,7 +100,9 @@ step_racecheck() {
 step_triton_tests() {
   local par=()
   if "$PY" -c "import xdist" 2>/dev/null; then par=(-n 8); else echo "pytest-xdist missing: running serially"; fi
-  PINPOINT_GPU_EXAMPLES=${PINPOINT_GPU_EXAMPLES:-6} "$PY" -m pytest tests/gpu/test_cuda_kernels.py -q \
+  # Self-checks off here: with the backend forced they would add a cold Triton compilation per
+  # (dtype, head_dim) in every worker; test_backend_passes_its_self_check covers the check.
+  PINPOINT_SELF_CHECK=0 PINPOINT_GPU_EXAMPLES=${PINPOINT_GPU_EXAMPLES:-6} "$PY" -m pytest tests/gpu/test_cuda_kernels.py -q \
     -p no:cacheprovider --hypothesis-seed=0 -k triton "${par[@]}" --confcutdir=tests/gpu -o addopts="-ra --import-mode=importlib"
 }
 
