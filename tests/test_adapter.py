@@ -447,3 +447,23 @@ def test_adapters_saved_with_the_full_hash_fingerprint_still_load(tmp_path):
     PinpointAdapter.load(tmp_path, tiny_model("llama", n_layers=3)).detach()
     with pytest.raises(AdapterMismatchError, match="base weights .* differ"):
         PinpointAdapter.load(tmp_path, tiny_model("llama", n_layers=3, seed=2))
+
+
+def test_patches_keep_forward_hooks_and_restore_an_existing_instance_forward():
+    model = tiny_model("llama", n_layers=3)
+    ad = adapter_for(model)
+    q = ad.layers[1].q.module
+    seen = []
+    q.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    own = q.forward  # a bound method someone else installed on the instance
+    q.forward = own
+    ids = _ids(7)
+    adapter = attach(model, HEADS, "qkvo")
+    assert q.forward is not own
+    model(ids)
+    assert len(seen) == 1  # the module's hooks run around the patched computation
+    adapter.detach()
+    assert q.__dict__["forward"] is own  # put back exactly what was there
+    from pinpoint.install import is_patched
+
+    assert not any(is_patched(m) for m in model.modules())
