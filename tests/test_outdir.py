@@ -97,3 +97,16 @@ def test_only_rank_0_writes_under_torchrun(tmp_path, monkeypatch):
             with OutDir(out, command="tune").open():
                 pass
     assert (out / "adapter").read_text() == "rank 0"
+
+
+def test_an_unwritable_place_is_a_user_error(tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    def refuse(self, *a, **k):  # what mkdir does in a read-only directory (root is never refused)
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", refuse)
+    with pytest.raises(UserError, match=r"^--out .*out: cannot write there \(Permission denied: .*out\)$"):
+        with OutDir(tmp_path / "out", command="eval").open():
+            pass

@@ -94,7 +94,12 @@ class OutDir:
             return
         self._started = _now()
         created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.TemporaryFile(dir=self.path.parent)  # the staging sibling goes there
+            probe.close()
+        except PermissionError as exc:
+            raise UserError(f"{self.flag} {self.path}: cannot write there ({exc.strerror}: {exc.filename})") from None
         ok = False
         try:
             with self._lock():
