@@ -110,3 +110,11 @@ def test_an_unwritable_place_is_a_user_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"^--out .*out: cannot write there \(Permission denied: .*out\)$"):
         with OutDir(tmp_path / "out", command="eval").open():
             pass
+
+
+def test_check_refuses_an_unwritable_parent_early(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as for a non-root user in a read-only dir
+    with pytest.raises(UserError, match=r"cannot write there \(no write permission on "):
+        OutDir(tmp_path / "out", command="eval").check()

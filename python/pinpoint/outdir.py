@@ -69,6 +69,8 @@ class OutDir:
                 if not parent.is_dir():
                     where = "" if parent == p else f": {parent}"
                     raise UserError(f"{self.flag} {p}{where} exists and is not a directory")
+                if not os.access(parent, os.W_OK | os.X_OK):
+                    raise UserError(f"{self.flag} {p}: cannot write there (no write permission on {parent})")
                 break
         entries = self.foreign_entries()
         if entries and not self.overwrite and self.owner() != self.command:
