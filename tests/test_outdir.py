@@ -45,6 +45,21 @@ def test_same_command_may_rerun_another_may_not(tmp_path):
         OutDir(out, command="tune").check()
 
 
+def test_a_rerun_leaves_no_stale_outputs_and_no_user_file_is_touched(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with OutDir(out, command="eval", overwrite=True).open() as stage:
+        (stage / "results.json").write_text("1")
+        (stage / "general.json").write_text("from run 1")
+    assert json.loads((out / MARKER_NAME).read_text())["outputs"] == ["general.json", "results.json"]
+    with OutDir(out, command="eval", overwrite=True).open() as stage:  # run 2: no --general this time
+        (stage / "results.json").write_text("2")
+    assert sorted(p.name for p in out.iterdir() if p.name not in (MARKER_NAME, LOCK_NAME)) == ["notes.txt",
+                                                                                              "results.json"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_results_appear_only_on_success(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="boom"):

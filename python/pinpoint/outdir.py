@@ -6,7 +6,9 @@
   with a clear message while the first is still writing.
 * Results are built in a temporary sibling directory and renamed into place when the command
   succeeds (``files.staging_dir`` / ``files.publish_dir``), so a failed or interrupted run
-  leaves the earlier contents of ``--out`` as they were.
+  leaves the earlier contents of ``--out`` as they were. The marker lists what was published;
+  a rerun of the same command removes its last run's outputs that it does not write again,
+  so no stale result sits beside new ones (nothing else in ``--out`` is touched).
 * Under ``torchrun`` (``RANK`` set), only rank 0 writes ``--out``.
 * Nothing is created before :meth:`OutDir.open`: a command validates everything first and
   calls ``check()`` early, so bad input leaves no directory behind.
@@ -106,26 +108,52 @@ class OutDir:
         try:
             with self._lock():
                 self.check()  # another run may have written between the first check and the lock
-                self._mark(finished=None)
+                previous = self._previous_outputs()
+                self._mark(finished=None, outputs=previous)
                 if stage:
                     with staging_dir(self.path) as work:
                         yield work
+                        outputs = sorted(e.name for e in work.iterdir())
                         publish_dir(work, self.path)
+                    # a rerun's results replace the last run's whole: nothing stale stays beside them
+                    self._remove(set(previous) - set(outputs))
                 else:
                     yield self.path
-                self._mark(finished=_now())
+                    outputs = None  # the command stages and publishes by itself: not tracked
+                self._mark(finished=_now(), outputs=outputs)
                 ok = True
         finally:
             if not ok and created and not self.foreign_entries():
                 shutil.rmtree(self.path, ignore_errors=True)  # a failed first run leaves no empty --out
 
-    def _mark(self, *, finished) -> None:
+    def _previous_outputs(self) -> list[str]:
+        """The entries this command's last run here published (from the marker)."""
+        try:
+            info = json.loads((self.path / MARKER_NAME).read_text())
+        except (OSError, ValueError):
+            return []
+        if not isinstance(info, dict) or info.get("command") != self.command:
+            return []
+        names = info.get("outputs") or []
+        # only plain names directly under --out, never pinpoint's own files
+        return [n for n in names if isinstance(n, str) and n not in _OWN and n not in ("", ".", "..")
+                and Path(n).name == n]
+
+    def _remove(self, names) -> None:
+        for name in sorted(names):
+            entry = self.path / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink()
+
+    def _mark(self, *, finished, outputs) -> None:
         from . import __version__
         from .files import atomic_write_json
 
         atomic_write_json(self.path / MARKER_NAME, {
             "command": self.command, "argv": sys.argv[1:], "pinpoint": __version__,
-            "started": self._started, "finished": finished})
+            "started": self._started, "finished": finished, "outputs": outputs})
 
     @contextlib.contextmanager
     def _lock(self):
