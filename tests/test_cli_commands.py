@@ -64,6 +64,9 @@ def test_tune_prints_its_values_and_ctrl_c_then_resume(model_dir, heads_file, tm
     assert summary["kind"] == "spt" and summary["steps"] == 4 and summary["k"] == 2 and summary["lr"] == 1e-3
     assert (out / "adapter").is_dir() and summary["trainable_params"] > 0
     capsys.readouterr()
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(out), "--data", ROWS, "--out",
+                 str(tmp_path / "ev")]) == 2  # the tune run's --out, not its adapter
+    assert f"did you mean --adapter {out / 'adapter'}?" in capsys.readouterr().err
     assert _tune(model_dir, heads_file, out, "--resume", "--lr", "2e-3") == 2  # another run's checkpoint
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("pinpoint: error: --resume: cannot resume from"), lines

@@ -287,7 +287,9 @@ def load_adapter(model, path: str, *, check_fingerprint: bool = True):
         raise UserError(f"--adapter {path} holds a PEFT adapter, not a pinpoint one; pass tune's --out/adapter (load "
                         "a PEFT adapter with peft.PeftModel.from_pretrained)")
     if kind != "pinpoint":
-        raise UserError(f"--adapter {path}: no pinpoint adapter there ({CONFIG_NAME} is missing)")
+        hint = next((f"; did you mean --adapter {p / sub}?" for sub in ("adapter", "model")
+                     if (p / sub).is_dir() and directory_kind(p / sub) in ("pinpoint", "model")), "")
+        raise UserError(f"--adapter {path}: no pinpoint adapter there ({CONFIG_NAME} is missing){hint}")
     try:
         return PinpointAdapter.load(p, model, check_fingerprint=check_fingerprint)
     except AdapterMismatchError as exc:
