@@ -117,12 +117,18 @@ def render_dialogue(tokenizer, messages: list[dict], *, where: str = "dialogue")
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
         ids = _ids(out)
-        labels = [t if m else IGNORE for t, m in zip(ids, (int(m) for m in out["assistant_masks"]))]
-        for k, m in enumerate(messages):  # assistant turns marked "train": False carry no loss
-            if m["role"] == "assistant" and m.get("train", True) is False:
-                start, stop = message_span(tokenizer, messages, k, ids, where)
-                labels[start:stop] = [IGNORE] * (stop - start)
-        return ids, labels
+        mask = [int(m) for m in out["assistant_masks"]]
+        # transformers 4.x derives the mask from character offsets, and leaves it all zero for
+        # tokenizers without them (e.g. word-level ones): then the growing-prefix spans below decide.
+        trainable = any(m["role"] == "assistant" and m.get("train", True) is not False and m.get("content")
+                        for m in messages)
+        if any(mask) or not trainable:
+            labels = [t if m else IGNORE for t, m in zip(ids, mask)]
+            for k, m in enumerate(messages):  # assistant turns marked "train": False carry no loss
+                if m["role"] == "assistant" and m.get("train", True) is False:
+                    start, stop = message_span(tokenizer, messages, k, ids, where)
+                    labels[start:stop] = [IGNORE] * (stop - start)
+            return ids, labels
     full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
     labels = [IGNORE] * len(full)
     for k, m in enumerate(messages):
