@@ -139,12 +139,13 @@ def _dtype_kwarg() -> str:
 
 
 def load_model(path: str, *, device: str = "auto", dtype: str = "auto", chat_template: str | None = None,
-               flag: str = "--model"):
+               flag: str = "--model", need_template: bool = True):
     """(model, tokenizer) from a local HF directory, checked for pinpoint support.
 
     ``dtype="auto"`` loads the dtype saved in config.json, passed explicitly so every
     transformers version means the same. The tokenizer must have a chat template, or
-    ``chat_template`` (a Jinja file, or a JSON file with a "chat_template" key) supplies one.
+    ``chat_template`` (a Jinja file, or a JSON file with a "chat_template" key) supplies one
+    (``need_template=False``: a model only scored on plain text, e.g. ``--kl-against``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,7 +166,7 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto", chat_tem
         raise UserError(f"{flag} {path}: {exc}") from None
     if template is not None:
         tokenizer.chat_template = template
-    elif getattr(tokenizer, "chat_template", None) is None:
+    elif need_template and getattr(tokenizer, "chat_template", None) is None:
         raise UserError(f"{flag} {path}: its tokenizer has no chat template; pass --chat-template FILE (a Jinja "
                         "chat template, or a tokenizer_config.json that has one)")
     model.to(dev).eval()

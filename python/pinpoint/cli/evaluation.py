@@ -83,8 +83,8 @@ def run_eval(args) -> int:
     texts = _load_texts(args.kl_text) if args.kl_text else None
     ref = None
     if args.kl_against is not None:
-        ref, _ = load_model(args.kl_against, device=args.device, dtype=args.dtype, chat_template=args.chat_template,
-                            flag="--kl-against")
+        ref, _ = load_model(args.kl_against, device=args.device, dtype=args.dtype, flag="--kl-against",
+                            need_template=False)  # scored on plain text only
     extra = {}
     with out.open() as stage:
         report = evaluate(model, tok, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
