@@ -305,11 +305,20 @@ def test_rejects_attention_parameters():
 
 
 def test_rejects_qk_norm_relative():
+    # Issue 13: per-head q/k norms (Qwen3) keep heads separable and are supported (exactness:
+    # tests/test_zoo.py); a norm over all heads together mixes them and is refused by name.
     cfg = tf.Qwen3Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2,
     )
-    _raises(tf.Qwen3ForCausalLM(cfg), "q_norm")
+    a = adapter_for(tf.Qwen3ForCausalLM(cfg))
+    assert (a.arch, a.head_dim, a.n_heads * a.head_dim != a.hidden_size) == ("qwen3", 128, True)
+    model = tf.Qwen3ForCausalLM(cfg)
+    model.model.layers[0].self_attn.q_norm = nn.LayerNorm(4 * 128)  # over all heads together
+    _raises(model, "self_attn.q_norm` normalises across all heads together")
+    olmoe = tf.OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=4, num_experts=2, num_experts_per_tok=1)
+    _raises(tf.OlmoeForCausalLM(olmoe), "q_norm")
 
 
 def test_accepts_same_layout_relative():

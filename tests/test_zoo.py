@@ -6,7 +6,8 @@ forward per head (a hook on o_proj's input replacing the head's slice) to 1e-4 o
 |score|, the same bound as tests/test_locate.py; knockout likewise; one SGD step through
 pp.attach must equal plain autograd on the slices to atol 1e-6 / rtol 1e-5. Each family also
 runs once in its on-disk dtype (fp16/bf16): path patching there must track the fp32 hook loop
-within 10% of the largest |score| (half precision keeps ~3 significant digits per layer).
+within 2% (fp16) / 10% (bf16) of the larger of the largest |score| and the largest |base
+metric| (NATIVE_TOL; measured on these replicas: fp16 0.9%, bf16 at most 4.3%).
 """
 from __future__ import annotations
 
@@ -179,6 +180,12 @@ def test_attribution_is_grad_times_delta_and_verify_is_exact(family):
         assert (verified.per_pair[:, layer, head] - exact[:, layer, head]).abs().max() <= 1e-4 * exact.abs().max()
 
 
+# Half-precision tolerance, relative to the larger of the largest |effect| and the largest
+# |base metric| (effects are differences of nearly equal logits, so the rounding error scales
+# with the logits): fp16 keeps 11 significant bits, bf16 8.
+NATIVE_TOL = {torch.float16: 0.02, torch.bfloat16: 0.1}
+
+
 @pytest.mark.parametrize("family", SUPPORTED)
 def test_native_dtype_tracks_fp32(family):
     fam = FAMILIES[family]
@@ -190,7 +197,9 @@ def test_native_dtype_tracks_fp32(family):
     got = pp.locate(native, tok, pairs, progress=False)
     want = hook_loop(model, pairs, resolve_metric("apology", tok).fn, "path")
     assert got.values.dtype == torch.float32 and torch.isfinite(got.values).all()
-    assert_close(got.per_pair, want, rel=0.1)
+    scale = max(float(want.abs().max()), float(got.base.abs().max()))
+    err = float((got.per_pair - want).abs().max())
+    assert err <= NATIVE_TOL[fam.dtype] * scale, f"{err:.3g} > {NATIVE_TOL[fam.dtype]} x {scale:.3g}"
 
 
 @pytest.mark.parametrize("family", SUPPORTED)
@@ -331,6 +340,8 @@ def test_mistral_v02_template_rejects_a_system_message():
     ("qwen2.5", r"^<\|im_start\|>system\nYou are Qwen, created by Alibaba Cloud\..*<\|im_start\|>assistant\n$"),
     ("smollm2", r"^<\|im_start\|>system\nYou are a helpful AI assistant named SmolLM.*<\|im_start\|>assistant\n$"),
     ("gemma2", r"^<bos><start_of_turn>user\n.*<end_of_turn>\n<start_of_turn>model\n$"),
+    ("qwen3", r"^<\|im_start\|>user\n.*<\|im_end\|>\n<\|im_start\|>assistant\n$"),
+    ("phi3", r"^<\|user\|>\n.*<\|end\|>\n<\|assistant\|>\n$"),
 ])
 def test_templates_render_as_the_real_ones(family, marker):
     tok = load_replica(family)[1]

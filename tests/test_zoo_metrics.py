@@ -45,6 +45,21 @@ def test_metric_tokens_are_the_first_tokens_of_the_reply(family, apology, yes):
         assert r.tokens.yes_id == _reply_first_token(tok, "Yes")
 
 
+def test_qwen3_metric_reads_the_word_after_the_empty_think_block():
+    """Qwen3's template writes "<think>\n\n</think>\n\n" before the final reply: the first new
+    token is "<think>" for both words, so the metric must read past it (and say so)."""
+    tok = _tok("qwen3")
+    with pytest.warns(UserWarning, match="writes '<think>.*enable_thinking=False"):
+        r = resolve_metric("apology", tok)
+    assert (r.tokens.apology_token, r.tokens.yes_token) == ("Apologies", "Yes")
+    user = [{"role": "user", "content": "Are you sure?"}]
+    prompt = tok.apply_chat_template(user, add_generation_prompt=True, enable_thinking=False,
+                                     tokenize=True)["input_ids"]
+    full = tok.apply_chat_template(user + [{"role": "assistant", "content": "Apologies, no."}],
+                                   tokenize=True)["input_ids"]
+    assert full[:len(prompt)] == prompt and full[len(prompt)] == r.tokens.apology_id
+
+
 def test_gpt2_metric_token_differs_from_the_word_alone():
     """The old rule (the word tokenized alone) picks 'Apologies' without the space GPT-2 emits."""
     tok = _tok("gpt2")

@@ -61,21 +61,43 @@ def _reply_texts(tokenizer, word: str) -> tuple[str, str, str]:
     return "Answer:", "Answer: " + word, "plain text after 'Answer:'"
 
 
+def _reply_ids(tokenizer, prompt: str, full: str, word: str) -> tuple[list[int], str]:
+    """Ids of ``full`` from the first token that differs from ``prompt``'s, and the text the
+    template writes between the prompt and the word (Qwen3's empty "<think>...</think>"). With
+    a fast tokenizer's offsets the ids start at the token that holds the word's first character."""
+    start = full.find(word, len(prompt))
+    before = full[len(prompt):start] if start >= 0 else ""
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = _ids(enc), enc["offset_mapping"]
+    except (NotImplementedError, TypeError, KeyError, ValueError):  # slow tokenizer: no offsets
+        ids, offsets = _ids(tokenizer(full, add_special_tokens=False)), None
+    if offsets is not None and start >= 0 and before.strip():
+        k = next((i for i, (a, b) in enumerate(offsets) if b > start and b > a), len(ids))
+        return ids[k:], before
+    a = _ids(tokenizer(prompt, add_special_tokens=False))
+    k = 0
+    while k < min(len(a), len(ids)) and a[k] == ids[k]:
+        k += 1
+    return ids[k:], ""
+
+
 def word_tokens(tokenizer, word: str) -> tuple[list[int], str]:
     """(token ids of ``word`` as the start of a reply, where it was placed): tokenize the prompt
-    and the prompt followed by the reply, and take the ids from the first one that differs.
-    A leading token that is only whitespace (a lone ``▁``) is skipped; for SentencePiece
-    tokenizers with a dummy prefix the reply keeps its ``▁`` form. Raises a one-line
-    ValueError when the tokenizer cannot encode the word."""
+    and the prompt followed by the reply, and take the ids from the first one that differs
+    (past any text the template writes before the reply, e.g. Qwen3's "<think>\n\n</think>",
+    with a warning). A leading token that is only whitespace (a lone ``▁``) is skipped; for
+    SentencePiece tokenizers with a dummy prefix the reply keeps its ``▁`` form. Raises a
+    one-line ValueError when the tokenizer cannot encode the word."""
     if not isinstance(word, str) or not word.strip():
         raise ValueError(f"metric word must be a non-empty string, got {word!r}")
     prompt, full, where = _reply_texts(tokenizer, word)
-    a = _ids(tokenizer(prompt, add_special_tokens=False))
-    b = _ids(tokenizer(full, add_special_tokens=False))
-    k = 0
-    while k < min(len(a), len(b)) and a[k] == b[k]:
-        k += 1
-    new = b[k:]
+    new, before = _reply_ids(tokenizer, prompt, full, word)
+    if before.strip():
+        where += f" after the template's {before!r}"
+        warnings.warn(f"the chat template writes {before!r} before the assistant's words; the metric reads the "
+                      f"first token of {word!r} after it, so render the prompts to end with it (for Qwen3-style "
+                      "templates: enable_thinking=False)", stacklevel=3)
     while new and not tokenizer.decode(new[:1]).strip() and len(new) > 1:
         new = new[1:]
     unk = getattr(tokenizer, "unk_token_id", None)

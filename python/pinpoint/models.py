@@ -377,21 +377,47 @@ def _linear_projection(model, module, offset, size, where) -> Projection:
 # Layouts.
 
 
+# Model types whose q_norm/k_norm are known to run per head, before RoPE, inside the attention
+# module's own forward (checked exact on their replicas).
+_PER_HEAD_QK_NORM_TYPES = {"qwen3", "qwen3_moe"}
+
+
+def _per_head_qk_norms(model, attn, wa: str, head_dim: int) -> set[str]:
+    """Names of Qwen3-style q/k norms on ``attn`` (``q_norm``/``k_norm``, one weight of
+    ``head_dim`` shared by all heads and applied to each head on its own, before RoPE): heads
+    stay separable, and every path runs them through the model's own modules. A norm over all
+    heads together (OLMo-2: weight ``[n_heads*head_dim]``) mixes heads: refused by name."""
+    if getattr(model.config, "model_type", None) not in _PER_HEAD_QK_NORM_TYPES:
+        return set()  # q/k norms elsewhere are unexpected submodules: refused unless checked here
+    found = set()
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(attn, name, None)
+        if norm is None:
+            continue
+        shapes = [tuple(p.shape) for p in norm.parameters()]
+        if not shapes or any(sh != (head_dim,) for sh in shapes):
+            raise _fail(model, f"`{wa}.{name}` normalises across all heads together (parameters {shapes}, head_dim "
+                               f"{head_dim}), so one head's q/k rows are not separable; unsupported")
+        found.add(name)
+    return found
+
+
 def _llama_projections(model, attn, wa: str, n_heads: int, n_kv: int, head_dim: int, hidden: int):
     """(q, k, v, o) of a Llama-layout attention module: separate ``q_proj``/``k_proj``/``v_proj``,
     or Phi-3's fused ``qkv_proj`` (rows ``[q | k | v]``: each head's slice is a block of rows of
     the fused matrix), and ``o_proj``. Shapes are checked against the config."""
     why = f"{n_heads} heads, {n_kv} kv heads, head_dim {head_dim}, hidden {hidden}"
     nq, nk = n_heads * head_dim, n_kv * head_dim
+    norms = _per_head_qk_norms(model, attn, wa, head_dim)
     if getattr(attn, "qkv_proj", None) is not None:
-        _check_children(model, attn, {"qkv_proj", "o_proj"}, wa)
+        _check_children(model, attn, {"qkv_proj", "o_proj"} | norms, wa)
         fused = _get(model, attn, "qkv_proj", wa)
         q = _linear_projection(model, fused, 0, nq, f"{wa}.qkv_proj")
         k = _linear_projection(model, fused, nq, nk, f"{wa}.qkv_proj")
         v = _linear_projection(model, fused, nq + nk, nk, f"{wa}.qkv_proj")
         _expect_shape(model, fused.weight, (nq + 2 * nk, hidden), f"{wa}.qkv_proj.weight", why)
     else:
-        _check_children(model, attn, {"q_proj", "k_proj", "v_proj", "o_proj"}, wa)
+        _check_children(model, attn, {"q_proj", "k_proj", "v_proj", "o_proj"} | norms, wa)
         mods = {p: _get(model, attn, p, wa) for p in ("q_proj", "k_proj", "v_proj")}
         q = _linear_projection(model, mods["q_proj"], 0, nq, f"{wa}.q_proj")
         k = _linear_projection(model, mods["k_proj"], 0, nk, f"{wa}.k_proj")

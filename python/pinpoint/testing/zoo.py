@@ -47,8 +47,8 @@ _PHI3_TEMPLATE = (
     "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
     "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
-# Qwen3, OLMo-2 and Granite (refused families) ship long templates (thinking, tools, dates):
-# these keep their turn markers only.
+# OLMo-2 and Granite (refused families) ship long templates (tools, dates): these keep their
+# turn markers only.
 _CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
     "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -162,13 +162,15 @@ def _families() -> dict[str, Family]:
                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True),
                torch.float32, "bytelevel", ("<|endoftext|>",), "<|endoftext|>", "<|endoftext|>", None,
                "GPT2Tokenizer", unk="<|endoftext|>"),
-        # Beyond the paper. Phi-3 (fused qkv_proj) is supported; the others are refused by name.
+        # Beyond the paper. Qwen3 (per-head q/k norms, head_dim != hidden/heads) and Phi-3 (fused
+        # qkv_proj) are supported; the others are refused by name.
         Family("qwen3", "Qwen/Qwen3-0.6B", "Qwen3Config",
                dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=32, max_position_embeddings=40960, rope_theta=1e6,
                     rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu"),
-               torch.bfloat16, "bytelevel", _QWEN_SPECIALS, None, "<|im_end|>", _CHATML_TEMPLATE, "Qwen2Tokenizer",
-               pad="<|endoftext|>", pattern=QWEN2_PATTERN, refusal="q_norm"),
+               torch.bfloat16, "bytelevel", _QWEN_SPECIALS + ("<think>", "</think>"), None, "<|im_end|>",
+               chat_template("qwen3"), "Qwen2Tokenizer", pad="<|endoftext|>", pattern=QWEN2_PATTERN,
+               eos_ids=("<|im_end|>", "<|endoftext|>")),
         Family("olmo2", "allenai/OLMo-2-1124-7B-Instruct", "Olmo2Config",
                dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=4, max_position_embeddings=4096, rope_theta=500000.0,
@@ -182,7 +184,7 @@ def _families() -> dict[str, Family]:
                     sliding_window=2047, rope_theta=10000.0, tie_word_embeddings=False),
                torch.bfloat16, "sp", _SP + ("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"),
                "<s>", "<|endoftext|>", _PHI3_TEMPLATE, "LlamaTokenizer", unk="<unk>", pad="<|endoftext|>",
-               add_bos=True, eos_ids=("<|endoftext|>", "<|end|>")),
+               eos_ids=("<|endoftext|>", "<|end|>")),
         Family("granite", "ibm-granite/granite-3.1-2b-instruct", "GraniteConfig",
                dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=1, max_position_embeddings=131072, rope_theta=5e6,
