@@ -221,8 +221,9 @@ def test_knockout_is_exact_against_ablate_hooks(family):
     assert_close(curve.per_pair, want)
 
 
-def _selected(spec, heads, kv="group"):
-    """parameter -> bool mask of the elements pinpoint trains, built from the module layout."""
+def _selected(spec, heads):
+    """parameter -> bool mask of the elements pinpoint trains with kv="group" (q and o of each
+    head, k and v of the KV head it reads), built from the module layout."""
     named = {id(p): n for n, p in spec.model.named_parameters()}
     masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in spec.model.named_parameters()}
     D = spec.head_dim
@@ -305,6 +306,29 @@ def test_evaluate_parses_answers_in_the_family_template(family, monkeypatch):
     monkeypatch.setattr(model, "generate", _scripted_generate(model, tok, rows, eos_id))
     r = pp.evaluate(model, tok, rows, max_new_tokens=16, progress=False).results["all"]
     assert (r["accuracy_before"], r["apology_rate"], r["accuracy_after"], r["unparsed"]) == (100.0, 100.0, 100.0, 0)
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_the_five_line_api(family):
+    """README's five lines on a copy of the replica: tune moves only the selected heads' slices."""
+    base, tok = _loaded(family)
+    model = copy.deepcopy(base)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = _rows()
+    pairs = pp.data.challenge_pairs(rows[:2], tok)
+    scores = pp.locate(model, tok, pairs, method="path", progress=False)
+    heads = scores.top(2)
+    adapter = pp.tune(model, tok, pp.data.spt_dialogues(rows, n=4), heads=heads, lr=1e-2, steps=1, batch_size=2,
+                      progress=False)
+    merged = adapter.merge()
+    report = pp.evaluate(merged, tok, rows[:2], max_new_tokens=3, progress=False)
+    assert report.results["all"]["n"] == 2
+    masks = _selected(pp.spec_for(merged), heads.to_list())  # K/V of their groups: a superset of any kv mode
+    moved = {n for n, p in merged.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and all(masks[n].any() for n in moved), f"moved outside the selected heads: {moved}"
+    for n in moved:
+        p = dict(merged.named_parameters())[n].detach()
+        assert torch.equal(p[~masks[n]], before[n][~masks[n]]), f"{n} changed outside the selected slices"
 
 
 # --- refused families ------------------------------------------------------------------------
