@@ -19,6 +19,7 @@ Shapes: B pairs (in batches), L layers, H query heads, D head_dim, E hidden size
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -36,6 +37,7 @@ from .incremental import (
 from .modes import inference
 from .progress import progress as progress_bar
 from .prompts import PromptPair, to_ids
+from .placement import check_materialised, layer_devices
 from .recording import body_forward, record
 
 __all__ = ["locate", "knockout", "KnockoutCurve"]
@@ -117,6 +119,7 @@ def locate(model, tokenizer, pairs, *, method: str = "path", metric="apology", a
     """
     _check_locate_args(method, aggregate, positions, batch_size, verify_top)
     spec = spec_for(model)
+    check_materialised(spec)
     pairs = _as_pairs(pairs)
     fn, metric_name = resolve_metric(metric, tokenizer, apology_word=apology_word, yes_word=yes_word,
                                      token_ids=metric_tokens)
@@ -214,39 +217,55 @@ def _path_patching(spec: ModelSpec, fn, base: Batch, src: Batch, start: int, bud
     """[B, L, H] patched − base, and the base metric [B]."""
     rb = record(spec, base, z=True, attn_out=True, resid_pre=True, last_only=True)
     rs = record(spec, src, z=True, last_only=True)
+    return _path_scores(spec, fn, rb, rs, start, budget, bar, check)
+
+
+def _path_scores(spec: ModelSpec, fn, rb, rs, start: int, budget: int, bar, check: bool, *, layer=None,
+                 devices=None):
+    """Path-patching effects [B, L, H] and base metric [B] from the base (``rb``: z, attn_out,
+    resid_pre, last only) and source (``rs``: z) recordings. ``layer(k)``: a context in which
+    layer k's weights are present (streaming); ``devices``: each layer's device."""
     mb = _base_metric(spec, fn, rb, start)
     _check_finite(rs.logits, start, "source")
     if check:
         check_pre_norm_residual(spec, rb, what="path patching")
-    B, L, H, D = base.size, spec.n_layers, spec.n_heads, spec.head_dim
-    masks = _head_masks(H, D, spec.device)                                   # [H, H*D]
-    per_row = row_bytes(spec, "path")
-    total = L * H * B
-    n = chunk_size(budget, per_row, total)
-    vals = torch.empty(total, device=spec.device)
-    # Variant v = (l * H + h) * B + b: head h of layer l patched with the source's value for pair b.
-    # All senders' rows advance together, layer by layer (one o_proj / MLP call per layer and one
-    # unembedding per chunk, instead of a separate tail per sender layer). Rows are ordered by
-    # sender layer, so in a chunk the rows that have started by layer k are a prefix.
-    for s in range(0, total, n):
-        v = torch.arange(s, min(total, s + n), device=spec.device)
-        sender, head, row = v // (H * B), (v // B) % H, v % B
-        x = None
-        for k in range(int(sender[0]), L):
-            started = int(torch.searchsorted(sender, k, right=True))        # rows with sender <= k
-            if x is not None and rb.attn_out[k] is not None:                 # frozen attention of layer k
-                x = x + rb.attn_out[k][row[:len(x)]]
-            first = 0 if x is None else len(x)
-            if started > first:                                             # senders at layer k join
-                r, hh = row[first:started], head[first:started]
-                z = torch.where(masks[hh], rs.z[k][r], rb.z[k][r])
-                new = rb.resid_pre[k][r] + spec.layers[k].o.module(z)
-                x = new if x is None else torch.cat([x, new])
-            x = mlp_step(spec.layers[k], x)
-        vals[s:s + len(v)] = apply_metric(fn, spec.lm_head(spec.final_norm(x)), what="path-patched rows")
-        bar.update(len(v))
-    out = vals.view(L, H, B).permute(2, 0, 1) - mb[:, None, None]
-    return out, mb
+    vals = path_tails(spec, fn, rb, rs, chunk_size(budget, row_bytes(spec, "path"), spec.n_layers * spec.n_heads *
+                                                   rb.logits.shape[0]), bar, layer=layer, devices=devices)
+    B, L, H = rb.logits.shape[0], spec.n_layers, spec.n_heads
+    return vals.to(mb.device).view(L, H, B).permute(2, 0, 1) - mb[:, None, None], mb
+
+
+def path_tails(spec: ModelSpec, fn, rb, rs, n: int, bar, *, layer=None, devices=None) -> torch.Tensor:
+    """The metric [L*H*B] of every path-patched variant v = (l*H + h)*B + b (head h of layer l
+    takes the source's value for pair b), from recordings ``rb``/``rs`` (last position only).
+
+    Layer by layer (layer k's weights are used once, inside ``layer(k)``, for all variants):
+    the rows of senders < k get the frozen base attention output of layer k, the H·B rows of
+    sender k join through its o_proj, then every started row runs layer k's MLP, ``n`` rows
+    at a time. Each layer's tensors live on its own device (``devices[k]``, default
+    ``spec.layer_device(k)``); the rows' residual follows them.
+    """
+    B, L, H, D = rb.logits.shape[0], spec.n_layers, spec.n_heads, spec.head_dim
+    layer = layer or (lambda k: contextlib.nullcontext())
+    devices = devices or layer_devices(spec)
+    x = None                                                                # [rows started, E]
+    for k in range(L):
+        dev = devices[k]
+        with layer(k):
+            lspec = spec.layers[k]
+            if x is not None:                                               # frozen attention of layer k
+                x = x.to(dev)
+                x += rb.attn_out[k].to(dev).repeat(len(x) // B, 1)
+            masks = _head_masks(H, D, dev)                                  # [H, H*D]
+            z = torch.where(masks[:, None, :], rs.z[k].to(dev)[None], rb.z[k].to(dev)[None])  # [H, B, H*D]
+            new = rb.resid_pre[k].to(dev).repeat(H, 1) + lspec.o.module(z.reshape(H * B, H * D))
+            x = new if x is None else torch.cat([x, new])
+            for i in range(0, len(x), n):
+                x[i:i + n] = mlp_step(lspec, x[i:i + n])
+        bar.update(H * B)
+    dev = spec.unembed_device
+    return torch.cat([apply_metric(fn, spec.lm_head(spec.final_norm(x[i:i + n].to(dev))), what="path-patched rows")
+                      for i in range(0, len(x), n)])
 
 
 def _activation_all(spec: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,
@@ -266,7 +285,7 @@ def _activation_all(spec: ModelSpec, fn, base: Batch, src: Batch, start: int, bu
         """Logits [N, vocab] of variant rows whose layer-`layer` o_proj input at positions lo..T-1
         is `z` [N, T - lo, H*D]: that layer's o_proj and MLP, then every later layer (on
         positions lo.. through `suffix`, or on all of them)."""
-        x = mlp_step(spec.layers[layer], rb.resid_pre[layer][rows, lo:] + spec.layers[layer].o.module(z))
+        x = mlp_step(spec.layers[layer], _take(rb.resid_pre[layer], rows)[:, lo:] + spec.layers[layer].o.module(z))
         x = suffix.run(layer + 1, x, rows) if suffix is not None else run_blocks(spec, layer + 1, x, rb.block_kwargs,
                                                                                  rows, B)
         return _logits_at_last(spec, x, base.last[rows] - lo)
@@ -286,14 +305,25 @@ def _activation_all(spec: ModelSpec, fn, base: Batch, src: Batch, start: int, bu
     # each variant row reruns T - lo positions, and carries its copy of the prefix KV cache
     per_row = row_bytes(spec, "activation_all", T, rerun=T - lo, cached=suffix is not None)
     n_rows = chunk_size(budget, per_row, len(variants) * B)
-    masks = _head_masks(H, D, spec.device)
-    out = torch.empty(B, len(variants), device=spec.device)
+    out = torch.empty(B, len(variants), device=mb.device)
     for layer, rows, hh, cols in _variant_chunks(variants, B, n_rows, spec.device):
-        z = torch.where(masks[hh][:, None, :], rs.z[layer][rows, lo:], rb.z[layer][rows, lo:])  # [N, T - lo, H*D]
+        sel = _head_masks(H, D, rb.z[layer].device)[hh.to(rb.z[layer].device)]          # [N, H*D]
+        z = torch.where(sel[:, None, :], _take(rs.z[layer], rows)[:, lo:], _take(rb.z[layer], rows)[:, lo:])
         vals = apply_metric(fn, rerun(layer, rows, z, lo, suffix), what="activation-patched rows")
-        out[rows, cols] = vals - mb[rows]
+        _put(out, rows, cols, vals, mb)
         bar.update(len(rows))
     return (out if heads_subset is not None else out.view(B, L, H)), mb
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t[rows]`` with the index moved to ``t``'s device (a layer's recording lives on its device)."""
+    return t.index_select(0, rows.to(t.device))
+
+
+def _put(out: torch.Tensor, rows, cols, vals: torch.Tensor, mb: torch.Tensor) -> None:
+    """out[rows, cols] = vals - mb[rows], on ``out``'s device (the unembedding's, where the metric is)."""
+    rows, cols = rows.to(out.device), cols.to(out.device)
+    out[rows, cols] = vals.to(out.device) - mb.to(out.device)[rows]
 
 
 def _variant_chunks(variants, B: int, n_rows: int, device):
@@ -338,16 +368,17 @@ def _activation_last(spec: ModelSpec, fn, base: Batch, src: Batch, start: int, b
     variants = heads_subset if heads_subset is not None else [(l, h) for l in range(L) for h in range(H)]
     per_row = row_bytes(spec, "activation_last", T)
     n_rows = chunk_size(budget, per_row, len(variants) * B)
-    masks = _head_masks(H, D, spec.device)
 
     def one_token(rows, layer=None, hh=None):
         handle = None
         if layer is not None:
-            repl, sel = rs.z[layer][rows], masks[hh]
+            dev = rs.z[layer].device                                  # layer `layer`'s device
+            repl, sel = _take(rs.z[layer], rows), _head_masks(H, D, dev)[hh.to(dev)]
 
-            def hook(module, args):
+            def hook(module, args):  # runs before accelerate's hook moves inputs: follow z
                 z = args[0]
-                return (torch.where(sel[:, None, :], repl[:, None, :].to(z.dtype), z), *args[1:])
+                return (torch.where(sel[:, None, :].to(z.device), repl[:, None, :].to(z.device, z.dtype), z),
+                        *args[1:])
             handle = spec.layers[layer].o.module.register_forward_pre_hook(hook)
         try:
             extra = {ckw: expand_cache(cache, rows)} if cache is not None else {}
@@ -361,10 +392,10 @@ def _activation_last(spec: ModelSpec, fn, base: Batch, src: Batch, start: int, b
 
     if check:
         _compare_logits(spec, one_token(torch.arange(B, device=spec.device)), rb.logits, "last-position patching")
-    out = torch.empty(B, len(variants), device=spec.device)
+    out = torch.empty(B, len(variants), device=mb.device)
     for layer, rows, hh, cols in _variant_chunks(variants, B, n_rows, spec.device):
         vals = apply_metric(fn, one_token(rows, layer, hh), what="activation-patched rows")
-        out[rows, cols] = vals - mb[rows]
+        _put(out, rows, cols, vals, mb)
         bar.update(len(rows))
     return (out if heads_subset is not None else out.view(B, L, H)), mb
 
@@ -394,15 +425,15 @@ def _attribution(spec: ModelSpec, fn, base: Batch, src: Batch, start: int, budge
     finally:
         for h in handles:
             h.remove()
-    out = torch.empty(B, L, H, device=spec.device)
+    out = torch.empty(B, L, H, device=m.device)
     for layer in range(L):
-        g = eps[layer].grad
+        g = eps[layer].grad                                                   # on layer `layer`'s device
         if positions == "last":
             contrib = take_last(g, base.last) * (rs.z[layer] - take_last(zb[layer], base.last))   # [B, H*D]
         else:
-            real = base.attention_mask[..., None].to(g.dtype)
+            real = base.attention_mask[..., None].to(g.device, g.dtype)
             contrib = (g * (rs.z[layer] - zb[layer]) * real).sum(1)
-        out[:, layer] = contrib.float().view(B, H, D).sum(-1)
+        out[:, layer] = contrib.float().view(B, H, D).sum(-1).to(out.device)
     bar.update(B * L * H)
     return out.detach(), m.detach()
 
@@ -488,6 +519,7 @@ def knockout(model, tokenizer, pairs, heads, *, ablation: str = "mean", metric="
     if ablation not in ("mean", "zero"):
         raise ValueError(f"ablation must be 'mean' or 'zero', got {ablation!r}")
     spec = spec_for(model)
+    check_materialised(spec)
     heads = as_head_list(heads, n_layers=spec.n_layers, n_heads=spec.n_heads)
     K = len(heads) if k_max is None else k_max
     if not isinstance(K, int) or not 1 <= K <= len(heads):
@@ -501,7 +533,7 @@ def knockout(model, tokenizer, pairs, heads, *, ablation: str = "mean", metric="
     budget = memory_budget(spec.device, max_memory)
     per_pair = torch.zeros(K + 1, len(pairs))
     with inference(model):
-        means = head_means(model, None, enc["base"]).to(spec.device, spec.dtype) if ablation == "mean" else None
+        means = head_means(model, None, enc["base"]).to(dtype=spec.dtype) if ablation == "mean" else None
         # order[l] [K+1, Hq]: which heads of layer l are ablated in variant k (heads[:k])
         order = torch.zeros(spec.n_layers, K + 1, spec.n_heads, dtype=torch.bool)
         for k in range(1, K + 1):
@@ -528,19 +560,21 @@ def _knockout_rows(model, spec: ModelSpec, fn, base: Batch, order: torch.Tensor,
     K1 = order.shape[1]
     layers_used = [layer for layer in range(spec.n_layers) if bool(order[layer].any())]
     n = chunk_size(budget, row_bytes(spec, "knockout", T), K1 * B)
-    vals = torch.empty(K1 * B, device=spec.device)
+    devices = layer_devices(spec)
+    vals = torch.empty(K1 * B, device=spec.unembed_device)
     for s in range(0, K1 * B, n):
         v = torch.arange(s, min(K1 * B, s + n), device=spec.device)
         rows, ks = v % B, v // B
         plan = {}
-        for layer in layers_used:
-            patch = None if means is None else means[layer][None, None].expand(1, T, Hq, D)
-            plan[layer] = LayerPatch(order[layer][ks.cpu()].to(spec.device), patch)
+        for layer in layers_used:  # each layer's mask and patch where that layer computes
+            dev = devices[layer]
+            patch = None if means is None else means[layer].to(dev)[None, None].expand(1, T, Hq, D)
+            plan[layer] = LayerPatch(order[layer][ks.cpu()].to(dev), patch)
         sub = base.rows(rows)
         with fused_patching(model, plan, sub.key_padding_mask()):
             hidden = body_forward(spec, sub)
         logits = spec.lm_head(take_last(hidden, sub.last))
         _check_finite(logits, start, "base")
-        vals[s:s + len(v)] = apply_metric(fn, logits, what="knockout rows")
+        vals[s:s + len(v)] = apply_metric(fn, logits, what="knockout rows").to(vals.device)
         bar.update(len(v))
     return vals.view(K1, B)

@@ -48,7 +48,7 @@ def _pinpoint_attention(module, query, key, value, attention_mask, scaling=None,
     layer = getattr(module, "layer_idx", None)
     entry = plan["layers"].get(layer)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    kpm = plan["key_padding_mask"]
+    kpm = _on(plan, q.device)
     if kpm is not None and kpm.shape[1] != k.shape[1]:
         raise RuntimeError(f"fused_patching: key padding mask covers {kpm.shape[1]} tokens, layer {layer} "
                            f"attends over {k.shape[1]} (KV caches are not supported here)")
@@ -60,6 +60,18 @@ def _pinpoint_attention(module, query, key, value, attention_mask, scaling=None,
         key_padding_mask=kpm, scale=scaling,
     )
     return out.view(q.shape), None
+
+
+def _on(plan: dict, device: torch.device):
+    """The plan's key padding mask on ``device`` (copied once per device: under a ``device_map``
+    the layers run on different devices)."""
+    kpm = plan["key_padding_mask"]
+    if kpm is None or kpm.device == device:
+        return kpm
+    copies = plan.setdefault("copies", {})
+    if device not in copies:
+        copies[device] = kpm.to(device)
+    return copies[device]
 
 
 def _register() -> None:
@@ -97,8 +109,8 @@ def head_means(model, tokenizer, prompts, *, batch_size: int = 16) -> torch.Tens
         batch = make_batch(seqs[s:s + batch_size], pad_id=pad_id(tokenizer, model), device=spec.device)
         rec = record(spec, batch, z=True)
         m = batch.attention_mask.bool()
-        for layer in range(spec.n_layers):
-            total[layer] += rec.z[layer][m].double().sum(0).cpu()
+        for layer in range(spec.n_layers):  # z of layer l lives on that layer's device
+            total[layer] += rec.z[layer][m.to(rec.z[layer].device)].double().sum(0).cpu()
         count += int(m.sum())
     return (total / count).float().view(spec.n_layers, spec.n_heads, spec.head_dim)
 

@@ -84,6 +84,13 @@ def _common(p: argparse.ArgumentParser, *, model=True, data=True, heads=False) -
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (another command's results, or your own files); "
                    "only the files this command writes are replaced")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    if model:
+        p.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                       help="spread the model over GPUs, CPU and disk with accelerate (instead of --device)")
+        p.add_argument("--max-memory", default=None, metavar="SPEC",
+                       help="with --device-map: memory per device, e.g. 0=10GiB,1=20GiB,cpu=30GiB")
+        p.add_argument("--offload-dir", default=None, metavar="DIR",
+                       help="with --device-map: where offloaded weights go (default: a temporary directory)")
     p.add_argument("--dtype", default="auto", help="auto (the dtype saved in config.json), float32, bfloat16 or "
                    "float16")
     p.add_argument("--batch-size", type=positive_int, default=8)

@@ -7,7 +7,7 @@ import warnings
 
 from ..errors import UserError
 from ..outdir import OutDir
-from .common import check_k, default_k, load_heads, load_model, load_rows, positive_int
+from .common import check_k, default_k, load_heads, load_model, load_rows, placement, positive_int
 
 
 def token_pair(text: str) -> tuple[int, int]:
@@ -57,7 +57,7 @@ def run_locate(args) -> int:
         raise UserError("--positions all needs --method activation (path patching patches the last position only)")
     out = OutDir(args.out, command="locate", overwrite=args.overwrite)
     out.check()
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, chat_template=args.chat_template)
+    model, tok = load_model(args.model, **placement(args), dtype=args.dtype, chat_template=args.chat_template)
     spec = spec_for(model)
     check_k(args.k, spec.n_layers, spec.n_heads)
     k = args.k or default_k(spec.n_layers, spec.n_heads)
@@ -86,7 +86,7 @@ def run_knockout(args) -> int:
 
     out = OutDir(args.out, command="knockout", overwrite=args.overwrite)
     out.check()
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, chat_template=args.chat_template)
+    model, tok = load_model(args.model, **placement(args), dtype=args.dtype, chat_template=args.chat_template)
     heads = load_heads(args.heads, args.k, model)
     check_metric_tokens(args, model, tok)
     rows = load_rows(args.data, limit=args.limit)

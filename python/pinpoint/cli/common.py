@@ -139,38 +139,69 @@ def _dtype_kwarg() -> str:
 
 
 def load_model(path: str, *, device: str = "auto", dtype: str = "auto", chat_template: str | None = None,
-               flag: str = "--model", need_template: bool = True):
+               flag: str = "--model", need_template: bool = True, device_map: str | None = None,
+               max_memory: str | None = None, offload_dir: str | None = None):
     """(model, tokenizer) from a local HF directory, checked for pinpoint support.
 
     ``dtype="auto"`` loads the dtype saved in config.json, passed explicitly so every
     transformers version means the same. The tokenizer must have a chat template, or
     ``chat_template`` (a Jinja file, or a JSON file with a "chat_template" key) supplies one
     (``need_template=False``: a model only scored on plain text, e.g. ``--kl-against``).
+    ``device_map``/``max_memory``/``offload_dir`` (``--device-map``, ``--max-memory``,
+    ``--offload-dir``): spread the model over devices with accelerate instead of ``device``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..models import UnsupportedArchitectureError, spec_for
+    from ..placement import check_materialised
 
     p = check_model_dir(path, flag)
     dt = parse_dtype(dtype) or disk_dtype(p)
     dev = parse_device(device)
+    placed = _placement(device, device_map, max_memory, offload_dir)
     template = read_chat_template(chat_template) if chat_template is not None else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, **{_dtype_kwarg(): dt})
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, **{_dtype_kwarg(): dt}, **placed)
         tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:  # transformers' refusals of the files the user pointed at
         raise UserError(f"{flag} {path}: cannot load it: {str(exc).strip().splitlines()[0]}") from None
     try:
-        spec_for(model)
-    except UnsupportedArchitectureError as exc:
+        check_materialised(spec_for(model))
+    except (UnsupportedArchitectureError, ValueError) as exc:
         raise UserError(f"{flag} {path}: {exc}") from None
     if template is not None:
         tokenizer.chat_template = template
     elif need_template and getattr(tokenizer, "chat_template", None) is None:
         raise UserError(f"{flag} {path}: its tokenizer has no chat template; pass --chat-template FILE (a Jinja "
                         "chat template, or a tokenizer_config.json that has one)")
-    model.to(dev).eval()
+    (model if placed else model.to(dev)).eval()  # a device_map placed it already (accelerate's hooks)
     return model, tokenizer
+
+
+def _placement(device: str, device_map, max_memory, offload_dir) -> dict:
+    """from_pretrained keywords of --device-map/--max-memory/--offload-dir (UserError when bad)."""
+    from ..placement import device_map_kwargs
+
+    if device_map is not None and device != "auto":
+        raise UserError(f"--device {device} and --device-map {device_map}: give one of them")
+    if device_map is not None and offload_dir is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        offload_dir = tempfile.mkdtemp(prefix="pinpoint-offload-")  # weights accelerate puts on disk
+        atexit.register(shutil.rmtree, offload_dir, True)
+    try:
+        return device_map_kwargs(device_map, max_memory, offload_dir)
+    except ValueError as exc:
+        flag = "--max-memory" if "max_memory" in str(exc) else "--device-map"
+        raise UserError(f"{flag}: {exc}") from None
+
+
+def placement(args) -> dict:
+    """load_model keywords of a command's --device/--device-map/--max-memory/--offload-dir."""
+    return {"device": args.device, "device_map": getattr(args, "device_map", None),
+            "max_memory": getattr(args, "max_memory", None), "offload_dir": getattr(args, "offload_dir", None)}
 
 
 def read_chat_template(path: str) -> str:

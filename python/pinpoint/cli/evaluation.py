@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..outdir import OutDir
-from .common import check_file, check_model_dir, directory_kind, load_adapter, load_model, load_rows, positive_int
+from .common import check_file, check_model_dir, directory_kind, load_adapter, load_model, load_rows, placement, positive_int
 
 
 def _check_eval_flags(args) -> None:
@@ -49,9 +49,9 @@ def _eval_model(args):
     if args.adapter is not None and directory_kind(Path(args.adapter)) == "model":
         print(f"note: --adapter {args.adapter} is a full model (e.g. tune --full's model/), not an adapter; "
               "evaluating it in place of --model")
-        return load_model(args.adapter, device=args.device, dtype=args.dtype, chat_template=args.chat_template,
+        return load_model(args.adapter, **placement(args), dtype=args.dtype, chat_template=args.chat_template,
                           flag="--adapter")
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, chat_template=args.chat_template)
+    model, tok = load_model(args.model, **placement(args), dtype=args.dtype, chat_template=args.chat_template)
     if args.adapter is not None:
         model = load_adapter(model, args.adapter, check_fingerprint=not args.no_fingerprint_check).merge()
     return model, tok
@@ -83,7 +83,7 @@ def run_eval(args) -> int:
     texts = _load_texts(args.kl_text) if args.kl_text else None
     ref = None
     if args.kl_against is not None:
-        ref, _ = load_model(args.kl_against, device=args.device, dtype=args.dtype, flag="--kl-against",
+        ref, _ = load_model(args.kl_against, **placement(args), dtype=args.dtype, flag="--kl-against",
                             need_template=False)  # scored on plain text only
     extra = {}
     with out.open() as stage:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..outdir import OutDir
 from .common import (directory_kind, load_adapter, load_heads, load_model, load_rows, nonnegative_float,
-                     parts_letters, positive_float, positive_int)
+                     parts_letters, placement, positive_float, positive_int)
 
 
 def _check_tune_flags(args) -> None:
@@ -63,7 +63,7 @@ def run_tune(args) -> int:
     out.check()
     ckpt_dir = out.path / "checkpoints"
     had_checkpoint = _check_checkpoints(args, ckpt_dir)
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, chat_template=args.chat_template)
+    model, tok = load_model(args.model, **placement(args), dtype=args.dtype, chat_template=args.chat_template)
     heads = None if args.full else load_heads(args.heads, args.k, model)
     rows = load_rows(args.data, limit=args.limit)
     _check_not_benchmark(rows, args.allow_benchmark_rows)
