@@ -20,8 +20,9 @@ _LAZY = {
     "evaluate_choices": "general", "kl_divergence": "general",
     "HeadScores": "heads", "HeadSet": "heads",
     "KnockoutCurve": "locate", "knockout": "locate", "locate": "locate",
-    "ModelAdapter": "models", "ModelSpec": "models", "UnsupportedArchitectureError": "models",  # ModelAdapter,
-    "adapter_for": "models", "spec_for": "models",                                              # adapter_for: deprecated
+    # ModelAdapter and adapter_for: deprecated aliases of ModelSpec and spec_for
+    "ModelAdapter": "models", "ModelSpec": "models", "UnsupportedArchitectureError": "models",
+    "adapter_for": "models", "spec_for": "models",
     "ablate": "patching", "head_means": "patching",
     "PromptPair": "prompts",
     "FullTuning": "tune", "tune": "tune",

@@ -81,8 +81,8 @@ def _common(p: argparse.ArgumentParser, *, model=True, data=True, heads=False) -
         p.add_argument("--k", type=positive_int, default=None, help="use the top K heads (default: about 4%% of heads)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the results (refused if another "
                    "command's results or your own files are in it, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (another command's results, or your own files); "
-                   "only the files this command writes are replaced")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (another command's "
+                   "results, or your own files); only the files this command writes are replaced")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     if model:
         p.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..outdir import OutDir
-from .common import check_file, check_model_dir, directory_kind, load_adapter, load_model, load_rows, placement, positive_int
+from .common import (check_file, check_model_dir, directory_kind, load_adapter, load_model, load_rows, placement,
+                     positive_int)
 
 
 def _check_eval_flags(args) -> None:

@@ -68,8 +68,8 @@ def run_organism_path(args) -> int:
 def add_parsers(cmd, common) -> None:
     p = cmd("demo", "locate, tune and evaluate on the embedded model organism", run_demo_cmd)
     p.add_argument("--out", default="pinpoint-demo", metavar="DIR", help="output directory (default ./pinpoint-demo)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (another command's results, or your own files); "
-                   "only the files this command writes are replaced")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (another command's "
+                   "results, or your own files); only the files this command writes are replaced")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where the organism is cached (default $PINPOINT_CACHE, else ~/.cache/pinpoint)")
