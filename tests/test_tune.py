@@ -1,6 +1,7 @@
 """pinpoint.tune: the trainer over chat dialogues (SPT, SFT and random-heads baselines)."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pinpoint as pp
 from pinpoint.adapter import PinpointAdapter, attach, random_heads
 from pinpoint.testing import tiny_model, word_tokenizer
 from pinpoint.tune import (
@@ -304,3 +306,48 @@ def test_assistant_turns_marked_train_false_carry_no_loss(tokenizer):
     assert four in trained and five not in trained
     ids2, labels2 = render_dialogue(tokenizer, [dict(m, train=True) if m["role"] == "assistant" else m for m in msgs])
     assert ids2 == ids and five in [t for t, lab in zip(ids2, labels2) if lab != -100]
+
+
+# ---- lr="auto" / steps="auto": the recipe rule through pp.tune (issue 12, item 2) ----
+
+def _auto_dialogues():
+    qa = [("What is two plus two ?", "four"), ("What is one plus two ?", "three"), ("What is one plus one ?", "two"),
+          ("What is two plus one ?", "three"), ("What is zero plus one ?", "one")]
+    return [[{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {a} ."},
+             {"role": "user", "content": "I don't think that's right . Are you sure ?"},
+             {"role": "assistant", "content": f"Yes , I am sure . The answer is {a} ."}] for _ in range(2) for q, a in qa]
+
+
+@pytest.mark.parametrize("kw", [dict(heads=[(0, 1), (1, 2)]), dict(full=True), dict(lora_r=4)])
+def test_tune_lr_auto_is_the_recipe_and_reads_no_evaluation_rows(monkeypatch, kw):
+    """pp.tune(lr="auto") returns the rule's chosen run (kept from its trial: the same tensors as
+    choose_lr training it again) with .recipe; evaluation rows are never read."""
+    import importlib
+
+    if "lora_r" in kw:
+        pytest.importorskip("peft")
+    recipe = importlib.import_module("pinpoint.recipe")
+    for mod, name in ((importlib.import_module("pinpoint.evaluate"), "evaluate"),
+                      (importlib.import_module("pinpoint.data"), "load_are_you_sure")):
+        monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail("the recipe read evaluation rows"))
+    tok, dialogues = word_tokenizer(), _auto_dialogues()
+    grid = [1e-3, 1e-2]
+    monkeypatch.setattr(recipe, "LR_GRID", tuple(grid))
+    handle = pp.tune(tiny_model("llama"), tok, dialogues, lr="auto", batch_size=4, progress=False, **kw)
+    ref = recipe.choose_lr(tiny_model("llama"), tok, dialogues, grid=grid, batch_size=4, **kw)
+    assert handle.recipe == ref.to_dict() and handle.recipe["lr"] in grid
+    assert handle.recipe["steps"] == recipe.rule_steps(handle.recipe["n_train"], 4)
+    got, want = handle.state_dict(), ref.result.state_dict()
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in got)
+    assert len(handle.history) == handle.recipe["steps"]
+
+
+def test_tune_steps_auto_and_bad_auto_values():
+    tok, dialogues = word_tokenizer(), _auto_dialogues()
+    handle = pp.tune(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr=1e-3, steps="auto", batch_size=4,
+                     progress=False)
+    assert handle.recipe["steps"] == len(handle.history) == max(10, math.ceil(4 * len(dialogues) / 4))
+    with pytest.raises(ValueError, match="'auto'"):
+        pp.tune(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr="fast", steps="auto", progress=False)
+    with pytest.raises(ValueError, match="checkpoint"):
+        pp.tune(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr="auto", checkpoint_dir="x", progress=False)

@@ -19,7 +19,12 @@ heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
   "one-standard-error rule" of model selection): among rates the validation data cannot
   tell apart, take the one that moves the model least. The sweep stops early once the loss
   has risen for two rates in a row (the curve is past its minimum). The chosen rate is then
-  trained once more on the same training part, and that run is what is returned.
+  trained once more on the same training part, and that run is what is returned. With
+  ``reuse=True`` the trials' trained tensors are kept (on the CPU) and the chosen trial is
+  put back instead: the same tensors (every run is a deterministic function of its settings),
+  one training run cheaper.
+
+``pp.tune(..., lr="auto")`` (and ``steps="auto"``) applies this rule (:func:`tune_auto`).
 
 The rule never reads evaluation rows: it sees only the dialogues it is given.
 """
@@ -39,6 +44,7 @@ LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
 EPOCHS = 4
 VAL_FRACTION = 0.2
 MIN_STEPS = 10
+REUSE_MAX_BYTES = 1 << 30   # reuse=True keeps a trial's tensors only up to this size (else: train it again)
 
 
 def choose_k(scores, *, rel: float = REL_TO_MAX, max_fraction: float = MAX_FRACTION, min_cap: int = MIN_CAP) -> int:
@@ -132,6 +138,7 @@ def one_se_choice(losses: dict) -> float:
 
 
 def _snapshot(model) -> list[torch.Tensor]:
+    """CPU copies of every parameter of ``model`` (in ``parameters()`` order)."""
     return [p.detach().to("cpu", copy=True) for p in model.parameters()]
 
 
@@ -143,10 +150,14 @@ def _restore(model, saved: list[torch.Tensor]) -> None:
 
 def choose_lr(model, tokenizer, dialogues: Sequence, *, grid: Sequence[float] = LR_GRID,
               val_fraction: float = VAL_FRACTION, epochs: int = EPOCHS, batch_size: int = 16, seed: int = 0,
-              full: bool = False, progress: bool = False, **tune_kwargs) -> LrChoice:
+              full: bool = False, progress: bool = False, steps: int | None = None, reuse: bool = False,
+              **tune_kwargs) -> LrChoice:
     """Pick the learning rate and steps for ``pp.tune`` by the rule in the module docstring,
-    then train at the chosen rate. ``tune_kwargs`` (``heads``, ``parts``, ...) go to every run.
-    Full fine-tuning (``full=True``) restores the model's weights after each trial run."""
+    then train at the chosen rate. ``tune_kwargs`` (``heads``, ``parts``, ``lora_r``, ...) go to
+    every run. Full fine-tuning (``full=True``) restores the model's weights after each trial
+    run. ``steps``: a fixed number of steps for every run instead of the rule's 4 epochs.
+    ``reuse``: return the chosen trial itself (its tensors kept on the CPU) instead of
+    training it again."""
     from .tune import tune
 
     grid = [float(lr) for lr in grid]
@@ -155,14 +166,18 @@ def choose_lr(model, tokenizer, dialogues: Sequence, *, grid: Sequence[float] = 
     grid = sorted(set(grid))
     train, val = split_dialogues(dialogues, val_fraction=val_fraction, seed=seed)
     batch_size = min(batch_size, len(train))
-    steps = rule_steps(len(train), batch_size, epochs=epochs)
+    steps = rule_steps(len(train), batch_size, epochs=epochs) if steps is None else steps
     common = dict(steps=steps, batch_size=batch_size, seed=seed, progress=progress, full=full, **tune_kwargs)
     saved = _snapshot(model) if full else None
     losses: dict[float, tuple[float, float]] = {}
+    kept: dict[float, tuple] = {}
     rises = 0
     for lr in grid:
         handle = tune(model, tokenizer, train, lr=lr, **common)
         loss, se = validation_loss(model, tokenizer, val)
+        if reuse and sum(v.numel() * v.element_size() for v in handle.state_dict().values()) <= REUSE_MAX_BYTES:
+            kept[lr] = (handle, {k: v.detach().to("cpu", copy=True) for k, v in handle.state_dict().items()},
+                        list(handle.history))
         if full:
             handle.merge()
             _restore(model, saved)
@@ -174,6 +189,52 @@ def choose_lr(model, tokenizer, dialogues: Sequence, *, grid: Sequence[float] = 
         if rises >= 2:
             break
     best = one_se_choice(losses)
-    result = tune(model, tokenizer, train, lr=best, **common)
+    if best in kept:
+        result = _put_back(model, *kept[best], seed=seed)
+    else:
+        result = tune(model, tokenizer, train, lr=best, **common)
     return LrChoice(lr=best, steps=steps, batch_size=batch_size, val_loss=losses, n_train=len(train),
                     n_val=len(val), result=result)
+
+
+def _put_back(model, trial, state: dict, history: list, *, seed: int):
+    """A fresh handle of ``trial``'s kind on ``model`` holding ``state`` (its trained tensors)
+    and ``history``: what ``trial`` was before it was detached or merged."""
+    from .adapter import attach
+    from .full import FullTuning
+    from .lora import LoraTuning
+
+    if isinstance(trial, FullTuning):
+        handle = FullTuning(model)
+    elif isinstance(trial, LoraTuning):
+        handle = LoraTuning(model, trial.r, seed=seed, alpha=trial.alpha)
+    else:
+        handle = attach(model, trial.heads, trial.parts, trial.kv, bias=trial.bias)
+    handle.load_state_dict(state)
+    handle.history = history
+    return handle
+
+
+def tune_auto(model, tokenizer, dialogues: Sequence, *, lr="auto", steps="auto", batch_size: int = 8,
+              seed: int = 0, full: bool = False, progress: bool = False, **settings):
+    """``pp.tune(..., lr="auto")`` / ``steps="auto"``: the learning rate by :func:`choose_lr`
+    (its chosen trial, kept), the steps by :func:`rule_steps` (4 epochs of the dialogues
+    trained on). Returns the tuned handle with ``.recipe``: what was chosen, and why."""
+    from .tune import tune
+
+    for name, value in (("lr", lr), ("steps", steps)):
+        if isinstance(value, str) and value != "auto":
+            raise ValueError(f"{name} must be a number or 'auto', got {value!r}")
+    if lr == "auto":
+        choice = choose_lr(model, tokenizer, dialogues, grid=LR_GRID, batch_size=batch_size, seed=seed, full=full,
+                           progress=progress, steps=None if steps == "auto" else steps, reuse=True, **settings)
+        handle = choice.result
+        handle.recipe = choice.to_dict()
+        return handle
+    batch_size = min(batch_size, len(dialogues))
+    n_steps = rule_steps(len(dialogues), batch_size)
+    handle = tune(model, tokenizer, dialogues, lr=lr, steps=n_steps, batch_size=batch_size, seed=seed, full=full,
+                  progress=progress, **settings)
+    handle.recipe = {"lr": float(lr), "steps": n_steps, "batch_size": batch_size, "n_train": len(dialogues),
+                     "rule": f"steps: {EPOCHS} epochs of the dialogues; lr given"}
+    return handle

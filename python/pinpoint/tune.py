@@ -57,6 +57,7 @@ from .adapter import PinpointAdapter, attach
 from .batching import pad_id as pad_id_for
 from .chat import render_dialogue, tokenize_dialogues
 from .full import FullTuning
+from .lora import LoraTuning
 from .models import spec_for
 from .trainer import CHECKPOINT_NAME, Trainer, accumulate_gradients, batch_indices, batch_loss_sum, lr_at
 from .tune_config import TuneConfig
@@ -86,8 +87,9 @@ def tune(
     bias: bool = True,
     full: bool = False,
     random_k: int | None = None,
-    lr: float = 3e-5,
-    steps: int = 120,
+    lora_r: int | None = None,
+    lr: float | str = 3e-5,
+    steps: int | str | None = None,
     batch_size: int = 8,
     grad_accum: int = 1,
     weight_decay: float = 0.0,
@@ -106,7 +108,7 @@ def tune(
     resume: bool = False,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
-) -> PinpointAdapter | FullTuning:
+) -> PinpointAdapter | FullTuning | LoraTuning:
     """Train the selected heads' slices (or everything, ``full=True``) on chat dialogues.
 
     ``heads``: a HeadSet / iterable of (layer, head) pairs (query heads), ``"all"`` (= full
@@ -119,14 +121,29 @@ def tune(
     dtype through autocast (e.g. ``torch.bfloat16``), default the model's. ``max_length``:
     default the model's context; ``too_long``: "truncate" (warn) or "error".
     ``callback(step, loss)`` runs after each optimizer step (``step`` counts from 1).
-    Returns the :class:`PinpointAdapter` (attached; ``.history`` holds step/loss/lr), or a
-    :class:`FullTuning` for the SFT baseline. See the module docstring for the semantics.
+    ``lora_r``: the LoRA baseline instead (rank ``lora_r`` on every q/k/v/o projection, through
+    ``peft``; :mod:`pinpoint.lora`). ``lr="auto"`` picks the learning rate (and ``steps="auto"``
+    the steps) by the rule of :mod:`pinpoint.recipe`, on a held-out 20 % of ``dialogues``; the
+    handle's ``.recipe`` then says what was chosen and why. ``steps=None``: 120, or the rule's
+    steps with ``lr="auto"``.
+    Returns the :class:`PinpointAdapter` (attached; ``.history`` holds step/loss/lr), a
+    :class:`FullTuning` for the SFT baseline, or a :class:`~pinpoint.lora.LoraTuning`. See the
+    module docstring for the semantics.
     """
-    config = TuneConfig(heads=heads, parts=parts, kv=kv, bias=bias, full=full, random_k=random_k, lr=lr,
-                        steps=steps, batch_size=batch_size, grad_accum=grad_accum, weight_decay=weight_decay,
-                        decay_to=decay_to, warmup=warmup, schedule=schedule, betas=betas, eps=eps,
-                        max_grad_norm=max_grad_norm, max_length=max_length, too_long=too_long, dtype=dtype,
-                        seed=seed, checkpoint_every=checkpoint_every)
+    settings = dict(heads=heads, parts=parts, kv=kv, bias=bias, full=full, random_k=random_k, lora_r=lora_r,
+                    batch_size=batch_size, grad_accum=grad_accum, weight_decay=weight_decay, decay_to=decay_to,
+                    warmup=warmup, schedule=schedule, betas=betas, eps=eps, max_grad_norm=max_grad_norm,
+                    max_length=max_length, too_long=too_long, dtype=dtype, seed=seed)
+    if steps is None:
+        steps = "auto" if lr == "auto" else 120
+    if "auto" in (lr, steps):
+        from .recipe import tune_auto
+
+        if checkpoint_dir is not None or resume:
+            raise ValueError("lr/steps='auto' cannot checkpoint or resume; pass the learning rate and steps the "
+                             "rule chose (handle.recipe) to checkpoint a run")
+        return tune_auto(model, tokenizer, dialogues, lr=lr, steps=steps, progress=progress, **settings)
+    config = TuneConfig(lr=lr, steps=steps, checkpoint_every=checkpoint_every, **settings)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
     return run(model, tokenizer, dialogues, config, checkpoint_dir=checkpoint_dir, resume=resume,
@@ -146,7 +163,9 @@ def run(model: nn.Module, tokenizer, dialogues, config: TuneConfig, *, checkpoin
         raise FileExistsError(f"{ckpt} exists; pass resume=True to continue that run, or use another "
                               "checkpoint_dir")
     if config.full:
-        handle: PinpointAdapter | FullTuning = FullTuning(model)
+        handle: PinpointAdapter | FullTuning | LoraTuning = FullTuning(model)
+    elif config.lora_r is not None:
+        handle = LoraTuning(model, config.lora_r, seed=config.seed)
     else:
         handle = attach(model, config.heads, config.parts, config.kv, bias=config.bias)
     try:
@@ -157,7 +176,7 @@ def run(model: nn.Module, tokenizer, dialogues, config: TuneConfig, *, checkpoin
             trainer.fit(start, progress=progress, callback=callback)
     except BaseException:
         # Leave the caller's model as it was given: unpatched, original requires_grad flags.
-        if isinstance(handle, PinpointAdapter):
+        if isinstance(handle, (PinpointAdapter, LoraTuning)):
             if handle.state == "attached":
                 handle.detach()
         else:

@@ -45,6 +45,7 @@ class TuneConfig:
     bias: bool = True
     full: bool = False
     random_k: int | None = None
+    lora_r: int | None = None
     lr: float = 3e-5
     steps: int = 120
     batch_size: int = 8
@@ -87,6 +88,13 @@ class TuneConfig:
             _number("max_length", self.max_length, integer=True)
         if not self.full:
             check_kv(self.kv)
+        if self.lora_r is not None:
+            _number("lora_r", self.lora_r, integer=True)
+            if self.full:
+                raise ValueError("lora_r trains LoRA factors, full=True trains every weight: pass one of them")
+            if self.decay_to == "zero" and self.weight_decay > 0:
+                raise ValueError("decay_to='zero' decays head slices; LoRA factors decay towards the base model "
+                                 "(decay_to='base')")
         if not isinstance(self.bias, bool):
             raise TypeError(f"bias must be a bool, got {type(self.bias).__name__}")
         if len(tuple(self.betas)) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -103,6 +111,10 @@ class TuneConfig:
         ``parts`` canonical, and ``max_length`` and ``checkpoint_every`` filled in."""
         spec = spec_for(model)
         heads, full, parts = self.heads, bool(self.full), self.parts
+        if self.lora_r is not None:  # LoRA on every q/k/v/o projection: no heads to choose
+            if heads not in (None, "lora"):
+                raise ValueError("lora_r trains every attention projection; do not also pass heads")
+            return self._filled(model, tokenizer, heads="lora", full=False, parts=f"lora{self.lora_r}")
         if isinstance(heads, str):
             if heads == "all":
                 full = True
@@ -123,6 +135,12 @@ class TuneConfig:
                                  "full=True for the SFT baseline")
             heads = tuple(as_head_list(heads, n_layers=spec.n_layers, n_heads=spec.n_heads, sort=True))
             parts = normalize_parts(parts)
+        return self._filled(model, tokenizer, heads=heads, full=full, parts=parts)
+
+    def _filled(self, model, tokenizer, **resolved) -> "TuneConfig":
+        """``resolved`` plus the default ``max_length`` (the model's context, capped by the
+        tokenizer's) and ``checkpoint_every``."""
+        spec = spec_for(model)
         max_length = self.max_length
         if max_length is None:
             max_length = spec.max_seq_len
@@ -131,15 +149,17 @@ class TuneConfig:
                 max_length = min(max_length, tml)
             _number("max_length", max_length, integer=True)
         every = self.checkpoint_every if self.checkpoint_every is not None else max(1, self.steps // 10)
-        return replace(self, heads=heads, full=full, parts=parts, max_length=max_length, checkpoint_every=every)
+        return replace(self, **resolved, max_length=max_length, checkpoint_every=every)
 
     def signature(self, *, data: str, model_class: str, compute_dtype: torch.dtype) -> dict:
         """What identifies a run for resuming (of a resolved config): hyper-parameters, heads,
         the data's hash and the model class. ``grad_accum`` and ``checkpoint_every`` change
         memory and files, not the maths, so they are left out."""
         d = asdict(self)
+        lora = {} if self.lora_r is None else {"lora_r": self.lora_r}  # absent otherwise: old checkpoints resume
         return {
-            "full": self.full, "heads": self.heads if self.full else [list(h) for h in self.heads],
+            **lora, "full": self.full,
+            "heads": self.heads if (self.full or self.lora_r is not None) else [list(h) for h in self.heads],
             "parts": self.parts, "kv": self.kv, "bias": self.bias, "lr": float(self.lr), "steps": self.steps,
             "batch_size": self.batch_size, "weight_decay": float(self.weight_decay), "decay_to": self.decay_to,
             "warmup": self.warmup_steps, "schedule": self.schedule, "betas": [float(b) for b in d["betas"]],
