@@ -166,7 +166,7 @@ def test_forward_merge_and_detach(arch):
 def test_gradients_with_nonzero_deltas_match_autograd_of_the_merged_model():
     """Slices already trained: dX through W+Δ (not just W) must reach the lower layers' slices."""
     model = tiny_model("mistral", n_layers=3, n_kv_heads=2)
-    adapter = attach(model, HEADS, "qkvo")
+    adapter = attach(model, HEADS, "qkvo", kv="group")  # shared K/V rows too (the default, "whole", trains fewer)
     with torch.no_grad():
         for i, p in enumerate(adapter.parameters()):
             p.normal_(0, 0.1, generator=torch.Generator().manual_seed(i))
@@ -175,7 +175,7 @@ def test_gradients_with_nonzero_deltas_match_autograd_of_the_merged_model():
     merged = copy.deepcopy(model)
     for mod in merged.modules():  # the copy carries the patched forwards: unpatch it, then merge by hand
         mod.__dict__.pop("forward", None)
-    ref_adapter = attach(merged, HEADS, "qkvo")
+    ref_adapter = attach(merged, HEADS, "qkvo", kv="group")
     with torch.no_grad():
         for p2, p in zip(ref_adapter.parameters(), adapter.parameters()):
             p2.copy_(p)
@@ -467,3 +467,30 @@ def test_patches_keep_forward_hooks_and_restore_an_existing_instance_forward():
     from pinpoint.install import is_patched
 
     assert not any(is_patched(m) for m in model.modules())
+
+
+def test_default_kv_changes_no_unselected_heads_keys_or_values():
+    """GQA: by default only KV heads whose every reader is selected are trained, so a step on
+    the default adapter leaves the K/V of every unselected head exactly as it was."""
+    model = tiny_model("mistral", n_layers=3, n_kv_heads=2)   # 2 query heads per KV head
+    spec = adapter_for(model)
+    G = spec.group_size
+    heads = [(1, 0), (1, 1), (2, 2)]                           # layer 1: KV head 0 whole; layer 2: partial
+    adapter = attach(model, heads, "qkvo")
+    assert adapter.kv_changes()["unselected"] == []
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    merged = adapter.merge()
+    base = tiny_model("mistral", n_layers=3, n_kv_heads=2)
+    D = spec.head_dim
+    for l in range(3):
+        for part in ("k_proj", "v_proj"):
+            w = getattr(merged.model.layers[l].self_attn, part).weight
+            w0 = getattr(base.model.layers[l].self_attn, part).weight
+            for g in range(spec.n_kv_heads):
+                trained = all((l, h) in heads for h in range(g * G, (g + 1) * G))
+                same = torch.equal(w[g * D:(g + 1) * D], w0[g * D:(g + 1) * D])
+                assert same != trained, (l, part, g)
+    group = attach(tiny_model("mistral", n_layers=3, n_kv_heads=2), heads, "qkvo", kv="group")
+    assert sorted(map(tuple, group.kv_changes()["unselected"])) == [(2, 3)]

@@ -1,6 +1,6 @@
 """Trainable head slices on a frozen stock model: ``attach`` and ``PinpointAdapter``.
 
-``attach(model, heads, parts="qkvo", kv="group")`` freezes every parameter of ``model`` and
+``attach(model, heads, parts="qkvo", kv="whole")`` freezes every parameter of ``model`` and
 adds packed fp32 *deltas*, zero-initialised, over the frozen weights of the selected heads
 only. Which rows and columns: :mod:`pinpoint.slices` (the plan; ``kv`` decides the K/V rows
 under GQA). How the modules are patched: :mod:`pinpoint.install`. Saving, loading and the
@@ -87,7 +87,7 @@ class PinpointAdapter(nn.Module):
     ``adapter(...)`` calls the model.
     """
 
-    def __init__(self, model: nn.Module, heads, parts: str = "qkvo", kv: str = "group", *, bias: bool = True):
+    def __init__(self, model: nn.Module, heads, parts: str = "qkvo", kv: str = "whole", *, bias: bool = True):
         super().__init__()
         spec = spec_for(model)
         plan = plan_slices(spec, heads, parts, kv, bias=bias)
@@ -231,15 +231,15 @@ class PinpointAdapter(nn.Module):
                 f"kv={self.kv!r}, bias={self.bias}, trainable={self.num_trainable():,}, state={self.state!r}")
 
 
-def attach(model: nn.Module, heads, parts="qkvo", kv: str = "group", *, bias: bool = True) -> PinpointAdapter:
+def attach(model: nn.Module, heads, parts="qkvo", kv: str = "whole", *, bias: bool = True) -> PinpointAdapter:
     """Freeze ``model`` and add trainable fp32 deltas for the selected heads' slices only.
 
     ``heads``: a HeadSet or any iterable of (layer, head) pairs (query heads). ``parts``: a
-    subset of "qkvo". ``kv``: which K/V rows under GQA (:mod:`pinpoint.slices`): "group"
-    (default here, for compatibility: the KV heads the selected heads read, shared ones
-    included, so unselected heads of a partly selected group see changed keys/values; see
-    ``adapter.kv_changes()``), "whole" (only KV heads whose every reader is selected:
-    :func:`pinpoint.tune`'s default) or "none". Under MHA "group" and "whole" agree.
+    subset of "qkvo". ``kv``: which K/V rows under GQA (:mod:`pinpoint.slices`): "whole"
+    (the default: only KV heads whose every reader is selected, so no unselected head's keys
+    or values change), "group" (the KV heads the selected heads read, shared ones included,
+    so unselected heads of a partly selected group see changed keys/values; see
+    ``adapter.kv_changes()``) or "none". Under MHA "group" and "whole" agree.
     ``bias``: also train the q/k/v bias entries of those rows when the model has them.
     """
     return PinpointAdapter(model, heads, parts, kv, bias=bias)

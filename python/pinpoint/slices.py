@@ -15,10 +15,10 @@ the modules it lists.
 KV head is read by one query head, so the three rules differ only in "none"):
 
 * ``"whole"``: a KV head's k/v rows are trained only when *every* query head that reads it
-  is selected. No unselected head's keys or values change. Default of :func:`pinpoint.tune`.
+  is selected. No unselected head's keys or values change. The default everywhere.
 * ``"group"``: the KV head of every selected query head, even when unselected heads of the
-  same group read it too (their K/V then change: see ``SlicePlan.kv_changes``). Default of
-  :func:`pinpoint.attach`, kept for compatibility.
+  same group read it too (their K/V then change: see ``SlicePlan.kv_changes``); the
+  default before 0.2, and what the organism's stage 2 uses.
 * ``"none"``: no k/v rows, as the paper did for GQA models (q and o only).
 """
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _kv_heads(qheads: list[int], group_size: int, kv: str) -> list[int]:
     return groups
 
 
-def plan_slices(spec: ModelSpec, heads, parts="qkvo", kv: str = "group", *, bias: bool = True) -> SlicePlan:
+def plan_slices(spec: ModelSpec, heads, parts="qkvo", kv: str = "whole", *, bias: bool = True) -> SlicePlan:
     """The :class:`SlicePlan` for ``heads`` (query heads; any form :func:`as_head_list` takes)."""
     heads = tuple(as_head_list(heads, n_layers=spec.n_layers, n_heads=spec.n_heads, sort=True))
     parts = normalize_parts(parts)
