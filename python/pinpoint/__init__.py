@@ -3,7 +3,7 @@
 ``import pinpoint`` is light: the public names below are imported from their modules on
 first use (PEP 562 module ``__getattr__``), so training code (``pinpoint.tune``,
 ``pinpoint.organism.train``), the peer libraries and matplotlib load only when used.
-``pp.organism`` and ``pp.data`` are the subpackages, loaded the same way.
+``pp.organism``, ``pp.data``, ``pp.recipe`` and ``pp.testing`` are modules, loaded the same way.
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ _LAZY = {
     "adapter_for": "models", "spec_for": "models",
     "ablate": "patching", "head_means": "patching",
     "PromptPair": "prompts",
-    "FullTuning": "tune", "tune": "tune",
+    "FullTuning": "tune", "tune": "tune", "TuneConfig": "tune_config", "Trainer": "trainer",
     "UserError": "errors", "InputError": "errors",
 }
-_SUBPACKAGES = ("data", "organism")
+_SUBMODULES = ("data", "organism", "recipe", "testing")
 
-__all__ = ["__version__", *sorted(_LAZY), *_SUBPACKAGES]
+__all__ = ["__version__", *sorted(_LAZY), *_SUBMODULES]
 
 
 def __getattr__(name: str):
@@ -38,13 +38,13 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
         globals()[name] = value  # later lookups are plain attribute reads
         return value
-    if name in _SUBPACKAGES:
+    if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")})
 
 
 class _Package(types.ModuleType):
