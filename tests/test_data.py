@@ -291,3 +291,40 @@ def test_spt_dialogues_bad_input():
     with pytest.raises(FileNotFoundError):
         spt_dialogues("/nonexistent/are_you_sure.jsonl")
     assert math.isclose(0.5, sum(d.kind == "insist" for d in spt_dialogues([MC, FREE], n=2)) / 2)
+
+
+def test_mc_row_from_your_own_question_round_trips_and_trains(tmp_path):
+    from pinpoint.data import load_are_you_sure, mc_row, spt_dialogues, write_rows
+
+    rows = [mc_row("What is the capital of France?", ["Rome", "Paris", "Berlin"], 1),
+            mc_row("What is 2 plus 2?", ["3", "4"], "b", dataset="my_sums")]
+    path = write_rows(tmp_path / "train_rows.jsonl", rows)
+    back = load_are_you_sure(path)
+    assert [r.correct_letter for r in back] == ["B", "B"]
+    assert back[0].correct_choice == "Paris" and back[1].dataset == "my_sums"
+    assert back[0].prefill == "The answer is (" and back[0].messages[-1]["role"] == "user"
+    assert len(spt_dialogues(back, n=4)) == 4          # own data: accepted for training
+
+
+@pytest.mark.parametrize("args, match", [
+    (("", ["a", "b"], 0), "question is empty"),
+    (("Q?", ["a"], 0), "2 to 26"),
+    (("Q?", ["a", ""], 0), "2 to 26"),
+    (("Q?", ["a", "b"], 2), "neither an index"),
+    (("Q?", ["a", "b"], "C"), "neither an index"),
+])
+def test_mc_row_rejects_bad_input(args, match):
+    from pinpoint.data import mc_row
+
+    with pytest.raises(ValueError, match=match):
+        mc_row(*args)
+
+
+def test_mc_row_refuses_benchmark_names_and_write_rows_checks_first(tmp_path):
+    from pinpoint.data import SYCOPHANCY_EVAL_DATASETS, mc_row, write_rows
+
+    with pytest.raises(ValueError, match="SycophancyEval dataset"):
+        mc_row("Q?", ["a", "b"], 0, dataset=sorted(SYCOPHANCY_EVAL_DATASETS)[0])
+    with pytest.raises(ValueError):
+        write_rows(tmp_path / "x.jsonl", [mc_row("Q?", ["a", "b"], 0), {"prompt": "nonsense"}])
+    assert not (tmp_path / "x.jsonl").exists()

@@ -33,7 +33,9 @@ from .are_you_sure import (
     Row,
     as_rows,
     load_are_you_sure,
+    mc_row,
     parse_row,
+    write_rows,
 )
 from .dialogues import (
     CHALLENGE,
@@ -57,7 +59,7 @@ CHOICES_PATH = _HERE / "choices_mini.jsonl"
 NEUTRAL_PATH = _HERE / "neutral_texts.txt"
 
 __all__ = [
-    "load_are_you_sure", "parse_row", "as_rows", "AreYouSureData", "Row", "MultipleChoiceRow", "FreeFormRow",
+    "load_are_you_sure", "parse_row", "as_rows", "mc_row", "write_rows", "AreYouSureData", "Row", "MultipleChoiceRow", "FreeFormRow",
     "MalformedRowError", "challenge_pairs", "spt_dialogues", "Dialogue", "final_question", "sample_rows",
     "sample_choices", "neutral_texts", "SAMPLE_PATH", "CHOICES_PATH", "NEUTRAL_PATH", "REAL_DATA_URL",
     "SYCOPHANCY_EVAL_DATASETS", "CHALLENGE", "SOURCE_CHALLENGE", "FINAL_QUESTION_MC", "FINAL_QUESTION_FREE",
