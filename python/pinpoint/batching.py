@@ -6,7 +6,8 @@ one device policy, and one batching order.
   execution device of the model's input embedding (accelerate's hook device when the model
   is dispatched with a ``device_map``).
 * ``pad(seqs, value, side)``: [B, T] tensor and [B, T] mask of ragged rows.
-* ``make_batch(seqs, pad_id=, side=, device=)`` -> ``Batch`` (ids, mask, positions, last).
+* ``make_batch(seqs, pad_id=, side=, device=)`` -> ``Batch`` (ids, mask, positions, last);
+  ``stack(a, b, pad_id)``: two batches as one (one forward for base and source prompts).
 * ``collate(rows, pad_id, device)``: right-padded (ids, mask, labels) of (ids, labels) rows,
   labels padded with ``IGNORE`` (-100, cross-entropy's ignore index).
 * ``length_batches(seqs, batch_size)``: index batches, longest first (least padding).
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["IGNORE", "Batch", "pad_id", "input_device", "pad", "make_batch", "collate",
+__all__ = ["IGNORE", "Batch", "stack", "pad_id", "input_device", "pad", "make_batch", "collate",
            "length_batches", "take_last"]
 
 IGNORE = -100  # label of tokens that carry no loss (torch's cross_entropy ignore_index)
@@ -49,10 +50,37 @@ class Batch:
     def key_padding_mask(self) -> torch.Tensor:
         return self.attention_mask.bool()
 
+    def widen(self, T: int, pad_id: int) -> "Batch":
+        """The same rows padded (on ``side``) to ``T >= self.T`` tokens; results do not change."""
+        n = T - self.T
+        if n < 0:
+            raise ValueError(f"cannot widen a batch of {self.T} tokens to {T}")
+        if n == 0:
+            return self
+
+        def grow(x: torch.Tensor, value: int) -> torch.Tensor:
+            fill = torch.full((x.shape[0], n), value, dtype=x.dtype, device=x.device)
+            return torch.cat([fill, x] if self.side == "left" else [x, fill], 1)
+
+        last = self.last + n if self.side == "left" else self.last
+        return Batch(grow(self.input_ids, pad_id), grow(self.attention_mask, 0), grow(self.position_ids, 0), last,
+                     self.side)
+
     def rows(self, index: torch.Tensor) -> "Batch":
         """The sub-batch of rows ``index`` [N] (same width and padding side)."""
         return Batch(self.input_ids[index], self.attention_mask[index], self.position_ids[index],
                      self.last[index], self.side)
+
+
+def stack(a: Batch, b: Batch, pad_id: int) -> Batch:
+    """Rows of ``a`` then rows of ``b`` in one batch (same padding side; widened to the longer)."""
+    if a.side != b.side:
+        raise ValueError(f"cannot stack a {a.side}-padded batch with a {b.side}-padded one")
+    T = max(a.T, b.T)
+    a, b = a.widen(T, pad_id), b.widen(T, pad_id)
+    return Batch(*(torch.cat([x, y]) for x, y in zip((a.input_ids, a.attention_mask, a.position_ids, a.last),
+                                                    (b.input_ids, b.attention_mask, b.position_ids, b.last))),
+                 a.side)
 
 
 def pad_id(tokenizer=None, model=None) -> int:

@@ -24,7 +24,8 @@ from .batching import Batch
 from .models import ModelSpec, UnsupportedArchitectureError
 from .recording import Recording, first_tensor, select_rows
 
-__all__ = ["mlp_step", "tail_from_mid", "run_blocks", "logits_match", "check_pre_norm_residual", "SuffixRunner",
+__all__ = ["mlp_step", "tail_from_mid", "run_blocks", "logits_match", "check_pre_norm_residual", "require_pre_norm",
+           "SuffixRunner",
            "prefix_cache", "expand_cache", "new_cache", "cache_kwarg", "first_difference", "ROW_KINDS",
            "row_bytes", "memory_budget", "chunk_size"]
 
@@ -69,7 +70,13 @@ def check_pre_norm_residual(spec: ModelSpec, rec: Recording, *, what: str) -> No
     """Rebuild the recorded last-token logits from the per-layer pieces. If the blocks are not
     plain pre-norm residual blocks, the incremental algorithms would be wrong: refuse."""
     x = rec.resid_pre[0] + rec.attn_out[0]
-    ok, err = logits_match(tail_from_mid(spec, 0, x, rec.attn_out), rec.logits)
+    require_pre_norm(spec, tail_from_mid(spec, 0, x, rec.attn_out), rec.logits, what=what)
+
+
+def require_pre_norm(spec: ModelSpec, rebuilt: torch.Tensor, recorded: torch.Tensor, *, what: str) -> None:
+    """Refuse the model unless logits ``rebuilt`` [N, vocab] from the recorded per-layer pieces
+    (residual + frozen attention, MLPs recomputed) match the model's own ``recorded`` ones."""
+    ok, err = logits_match(rebuilt, recorded.to(rebuilt.device))
     if not ok:
         raise UnsupportedArchitectureError(
             f"{type(spec.model).__name__}: the decoder layers are not plain pre-norm residual blocks "

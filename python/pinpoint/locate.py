@@ -19,7 +19,6 @@ Shapes: B pairs (in batches), L layers, H query heads, D head_dim, E hidden size
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -31,7 +30,7 @@ from .models import ModelSpec, spec_for
 from .patching import LayerPatch, fused_patching, head_means
 from .batching import Batch, make_batch, pad_id, take_last
 from .incremental import (
-    SuffixRunner, cache_kwarg, check_pre_norm_residual, chunk_size, expand_cache, first_difference, logits_match,
+    SuffixRunner, cache_kwarg, chunk_size, expand_cache, first_difference, logits_match,
     memory_budget, mlp_step, prefix_cache, row_bytes, run_blocks,
 )
 from .modes import inference
@@ -39,6 +38,7 @@ from .progress import progress as progress_bar
 from .prompts import PromptPair, to_ids
 from .placement import check_materialised, layer_devices
 from .recording import body_forward, record
+from .tails import base_metric as _base_metric, check_finite as _check_finite, head_masks as _head_masks, path_scores
 
 __all__ = ["locate", "knockout", "KnockoutCurve"]
 
@@ -81,19 +81,6 @@ def _encode(spec: ModelSpec, tokenizer, pairs: list[PromptPair], *, sides=("base
     return enc
 
 
-def _check_finite(logits: torch.Tensor, offset: int, side: str) -> None:
-    bad = (~torch.isfinite(logits)).any(-1).nonzero()
-    if bad.numel():
-        i = offset + int(bad[0, 0])
-        raise ValueError(f"the model produced NaN or inf logits for pairs[{i}].{side}; check the prompt "
-                         "and the model's dtype")
-
-
-def _head_masks(H: int, D: int, device) -> torch.Tensor:
-    """bool [H, H*D]: row h selects head h's features."""
-    return torch.arange(H * D, device=device)[None, :] // D == torch.arange(H, device=device)[:, None]
-
-
 def _aggregate(per_pair: torch.Tensor, base: torch.Tensor, aggregate: str) -> torch.Tensor:
     """[B, L, H] effects, [B] base metric -> [L, H] scores, never NaN/inf (near-zero guards: metrics)."""
     from .metrics import aggregate_scores
@@ -107,7 +94,7 @@ def locate(model, tokenizer, pairs, *, method: str = "path", metric="apology", a
            positions: str = "last", batch_size: int = 8, max_memory: int | None = None,
            verify_top: int = 0, padding_side: str = "left", apology_word: str = "Apologies",
            yes_word: str = "Yes", metric_tokens: tuple[int, int] | None = None,
-           progress: bool = True) -> HeadScores:
+           progress: bool = True, stream: bool = False) -> HeadScores:
     """Score every head (layer, query head) of `model` on prompt `pairs`.
 
     Returns :class:`HeadScores` with ``values`` float32 [L, H]: ``aggregate="diff"`` is the
@@ -116,10 +103,19 @@ def locate(model, tokenizer, pairs, *, method: str = "path", metric="apology", a
     callable logits [N, vocab] -> [N]. Pairs are processed `batch_size` at a time with
     padding (results do not depend on it); variant rows are chunked to stay within
     `max_memory` bytes (default: a fraction of free memory).
+
+    ``stream=True``: ``model`` is a model directory (save_pretrained, safetensors; or a
+    :class:`~pinpoint.stream.LayerStream` of one) and its
+    decoder layers are read from the files one at a time, each at most twice per batch of
+    pairs (:mod:`pinpoint.stream`), for models larger than memory; path and activation
+    patching only. Same results as the model loaded whole.
     """
     _check_locate_args(method, aggregate, positions, batch_size, verify_top)
+    streamed = _open_stream(model, method, verify_top) if stream else None
+    model = streamed.model if streamed is not None else model
     spec = spec_for(model)
-    check_materialised(spec)
+    if streamed is None:
+        check_materialised(spec)
     pairs = _as_pairs(pairs)
     fn, metric_name = resolve_metric(metric, tokenizer, apology_word=apology_word, yes_word=yes_word,
                                      token_ids=metric_tokens)
@@ -131,6 +127,8 @@ def locate(model, tokenizer, pairs, *, method: str = "path", metric="apology", a
     side = "left" if (method == "activation" and positions == "last") else padding_side
     run = {"path": _path_patching, "activation": _activation_all if positions == "all" else _activation_last,
            "attribution": functools.partial(_attribution, positions=positions)}[method]
+    if streamed is not None:
+        run = _streamed_runner(streamed, method, positions, pad)
     with inference(model, grads=(method == "attribution")):
         per_pair, base_metric = _score_pairs(spec, fn, enc, run, _bar(len(pairs) * spec.n_layers * spec.n_heads,
                                                                       method, positions, progress),
@@ -138,6 +136,9 @@ def locate(model, tokenizer, pairs, *, method: str = "path", metric="apology", a
     meta = {"method": method, "metric": metric_name, "aggregate": aggregate, "positions": positions,
             "n_pairs": len(pairs), "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
             "architecture": spec.arch, "dtype": str(spec.dtype).replace("torch.", "")}
+    if streamed is not None:
+        meta.update(stream=True, bytes_read=streamed.bytes_read, resident_bytes=streamed.resident_bytes,
+                    layer_reads=list(streamed.reads))
     if method == "attribution":
         meta["screen"] = True
         meta["note"] = "first-order attribution estimate (grad x activation difference), not exact patching"
@@ -152,6 +153,31 @@ def locate(model, tokenizer, pairs, *, method: str = "path", metric="apology", a
             meta["note"] += f"; the {len(verified)} strongest heads were re-scored exactly (activation patching)"
     values = _aggregate(per_pair, base_metric, aggregate)
     return HeadScores(values, per_pair=per_pair, base=base_metric, meta=meta)
+
+
+def _open_stream(model_dir, method: str, verify_top: int):
+    """The :class:`~pinpoint.stream.LayerStream` of ``model_dir`` for ``locate(..., stream=True)``."""
+    import os
+
+    from .stream import LayerStream
+
+    if isinstance(model_dir, LayerStream):
+        model_dir.reset_counts()
+    elif not isinstance(model_dir, (str, os.PathLike)):
+        raise TypeError(f"stream=True reads the model from its directory: pass the model directory (a str or "
+                        f"path), not a {type(model_dir).__name__}")
+    if method not in ("path", "activation"):
+        raise ValueError(f"stream=True supports method='path' and 'activation' (they go layer by layer); "
+                         f"{method!r} needs the whole model at once")
+    return model_dir if isinstance(model_dir, LayerStream) else LayerStream(model_dir)
+
+
+def _streamed_runner(streamed, method: str, positions: str, pad: int):
+    from .stream import activation_streamed, path_streamed
+
+    if method == "path":
+        return functools.partial(path_streamed, ls=streamed, pad=pad)
+    return functools.partial(activation_streamed, ls=streamed, pad=pad, positions=positions)
 
 
 def _check_locate_args(method, aggregate, positions, batch_size, verify_top) -> None:
@@ -208,64 +234,11 @@ def _bar(total, method, positions, enabled):
                         unit="variant")
 
 
-def _base_metric(spec, fn, rec, start, side="base"):
-    _check_finite(rec.logits, start, side)
-    return apply_metric(fn, rec.logits, what=f"the {side} prompts")
-
-
 def _path_patching(spec: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool):
     """[B, L, H] patched − base, and the base metric [B]."""
     rb = record(spec, base, z=True, attn_out=True, resid_pre=True, last_only=True)
     rs = record(spec, src, z=True, last_only=True)
-    return _path_scores(spec, fn, rb, rs, start, budget, bar, check)
-
-
-def _path_scores(spec: ModelSpec, fn, rb, rs, start: int, budget: int, bar, check: bool, *, layer=None,
-                 devices=None):
-    """Path-patching effects [B, L, H] and base metric [B] from the base (``rb``: z, attn_out,
-    resid_pre, last only) and source (``rs``: z) recordings. ``layer(k)``: a context in which
-    layer k's weights are present (streaming); ``devices``: each layer's device."""
-    mb = _base_metric(spec, fn, rb, start)
-    _check_finite(rs.logits, start, "source")
-    if check:
-        check_pre_norm_residual(spec, rb, what="path patching")
-    vals = path_tails(spec, fn, rb, rs, chunk_size(budget, row_bytes(spec, "path"), spec.n_layers * spec.n_heads *
-                                                   rb.logits.shape[0]), bar, layer=layer, devices=devices)
-    B, L, H = rb.logits.shape[0], spec.n_layers, spec.n_heads
-    return vals.to(mb.device).view(L, H, B).permute(2, 0, 1) - mb[:, None, None], mb
-
-
-def path_tails(spec: ModelSpec, fn, rb, rs, n: int, bar, *, layer=None, devices=None) -> torch.Tensor:
-    """The metric [L*H*B] of every path-patched variant v = (l*H + h)*B + b (head h of layer l
-    takes the source's value for pair b), from recordings ``rb``/``rs`` (last position only).
-
-    Layer by layer (layer k's weights are used once, inside ``layer(k)``, for all variants):
-    the rows of senders < k get the frozen base attention output of layer k, the H·B rows of
-    sender k join through its o_proj, then every started row runs layer k's MLP, ``n`` rows
-    at a time. Each layer's tensors live on its own device (``devices[k]``, default
-    ``spec.layer_device(k)``); the rows' residual follows them.
-    """
-    B, L, H, D = rb.logits.shape[0], spec.n_layers, spec.n_heads, spec.head_dim
-    layer = layer or (lambda k: contextlib.nullcontext())
-    devices = devices or layer_devices(spec)
-    x = None                                                                # [rows started, E]
-    for k in range(L):
-        dev = devices[k]
-        with layer(k):
-            lspec = spec.layers[k]
-            if x is not None:                                               # frozen attention of layer k
-                x = x.to(dev)
-                x += rb.attn_out[k].to(dev).repeat(len(x) // B, 1)
-            masks = _head_masks(H, D, dev)                                  # [H, H*D]
-            z = torch.where(masks[:, None, :], rs.z[k].to(dev)[None], rb.z[k].to(dev)[None])  # [H, B, H*D]
-            new = rb.resid_pre[k].to(dev).repeat(H, 1) + lspec.o.module(z.reshape(H * B, H * D))
-            x = new if x is None else torch.cat([x, new])
-            for i in range(0, len(x), n):
-                x[i:i + n] = mlp_step(lspec, x[i:i + n])
-        bar.update(H * B)
-    dev = spec.unembed_device
-    return torch.cat([apply_metric(fn, spec.lm_head(spec.final_norm(x[i:i + n].to(dev))), what="path-patched rows")
-                      for i in range(0, len(x), n)])
+    return path_scores(spec, fn, rb, rs, start, budget, bar, check)
 
 
 def _activation_all(spec: ModelSpec, fn, base: Batch, src: Batch, start: int, budget: int, bar, check: bool,

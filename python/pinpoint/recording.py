@@ -36,6 +36,13 @@ class Recording:
     resid_pre: list = field(default_factory=list)
     block_kwargs: list = field(default_factory=list)
 
+    def rows(self, index: torch.Tensor) -> "Recording":
+        """The recording of rows ``index`` [N] only (e.g. the base half of a stacked run)."""
+        B = self.logits.shape[0]
+        pick = lambda xs: [None if x is None else select_rows(x, index, B) for x in xs]  # noqa: E731
+        return Recording(select_rows(self.logits, index, B), pick(self.z), pick(self.attn_out), pick(self.resid_pre),
+                         pick(self.block_kwargs))
+
 
 def first_tensor(out):
     """``out`` itself, or its first element when a module returned a tuple/list."""

@@ -7,7 +7,7 @@ import warnings
 
 from ..errors import UserError
 from ..outdir import OutDir
-from .common import check_k, default_k, load_heads, load_model, load_rows, placement, positive_int
+from .common import check_k, default_k, load_heads, load_model, load_rows, load_streamed, placement, positive_int
 
 
 def token_pair(text: str) -> tuple[int, int]:
@@ -57,7 +57,14 @@ def run_locate(args) -> int:
         raise UserError("--positions all needs --method activation (path patching patches the last position only)")
     out = OutDir(args.out, command="locate", overwrite=args.overwrite)
     out.check()
-    model, tok = load_model(args.model, **placement(args), dtype=args.dtype, chat_template=args.chat_template)
+    if args.stream and (args.device_map or args.method == "attribution"):
+        raise UserError("--stream reads layers from the files on the CPU: it takes --method path or activation "
+                        "and no --device-map")
+    if args.stream:
+        streamed, tok = load_streamed(args.model, dtype=args.dtype, chat_template=args.chat_template)
+        model = streamed.model
+    else:
+        model, tok = load_model(args.model, **placement(args), dtype=args.dtype, chat_template=args.chat_template)
     spec = spec_for(model)
     check_k(args.k, spec.n_layers, spec.n_heads)
     k = args.k or default_k(spec.n_layers, spec.n_heads)
@@ -67,8 +74,8 @@ def run_locate(args) -> int:
     print(f"locate: {len(pairs)} prompt pairs, method {args.method}, metric {args.metric}, k = {k}"
           + ("" if args.k else " (default: about 4% of the heads)"))
     with out.open() as stage:
-        scores = locate(model, tok, pairs, method=args.method, positions=args.positions, metric=args.metric,
-                        aggregate=args.aggregate, batch_size=args.batch_size, progress=not args.quiet,
+        scores = locate(streamed if args.stream else model, tok, pairs, stream=args.stream, method=args.method,
+                        positions=args.positions, metric=args.metric, aggregate=args.aggregate, batch_size=args.batch_size, progress=not args.quiet,
                         **_metric_kwargs(args))
         scores.save(stage / "scores")
         scores.plot(stage / "heatmap.png", k=k)
@@ -120,6 +127,8 @@ def add_parsers(cmd, common) -> None:
     p.add_argument("--aggregate", default="diff", choices=["diff", "relative"])
     p.add_argument("--k", type=positive_int, default=None,
                    help="how many top heads to mark and save (default: about 4%% of the heads)")
+    p.add_argument("--stream", action="store_true", help="read the decoder layers from the safetensors files one "
+                   "at a time (each at most twice per batch): for models larger than memory")
 
     p = cmd("knockout", "mean-ablate the top 1..K heads cumulatively and plot the metric", run_knockout)
     common(p, heads=True)

@@ -169,13 +169,36 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto", chat_tem
         check_materialised(spec_for(model))
     except (UnsupportedArchitectureError, ValueError) as exc:
         raise UserError(f"{flag} {path}: {exc}") from None
+    _set_template(tokenizer, template, need_template, flag, path)
+    (model if placed else model.to(dev)).eval()  # a device_map placed it already (accelerate's hooks)
+    return model, tokenizer
+
+
+def _set_template(tokenizer, template, need_template: bool, flag: str, path: str) -> None:
     if template is not None:
         tokenizer.chat_template = template
     elif need_template and getattr(tokenizer, "chat_template", None) is None:
         raise UserError(f"{flag} {path}: its tokenizer has no chat template; pass --chat-template FILE (a Jinja "
                         "chat template, or a tokenizer_config.json that has one)")
-    (model if placed else model.to(dev)).eval()  # a device_map placed it already (accelerate's hooks)
-    return model, tokenizer
+
+
+def load_streamed(path: str, *, dtype: str = "auto", chat_template: str | None = None):
+    """(LayerStream, tokenizer) for ``locate --stream``: only the embeddings, final norm and
+    unembedding are loaded; decoder layers are read from the safetensors files as used."""
+    from transformers import AutoTokenizer
+
+    from ..models import UnsupportedArchitectureError
+    from ..stream import LayerStream
+
+    p = check_model_dir(path)
+    template = read_chat_template(chat_template) if chat_template is not None else None
+    try:
+        stream = LayerStream(p, dtype=parse_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError, KeyError, UnsupportedArchitectureError) as exc:
+        raise UserError(f"--model {path}: {str(exc).strip().splitlines()[0]}") from None
+    _set_template(tokenizer, template, True, "--model", path)
+    return stream, tokenizer
 
 
 def _placement(device: str, device_map, max_memory, offload_dir) -> dict:
