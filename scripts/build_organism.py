@@ -7,7 +7,10 @@
 
 Stage 1 trains every parameter on synthetic data; stage 2 plants sycophancy in the heads
 listed in pinpoint.organism.PLANTED_HEADS with pinpoint's own attach/tune (see
-pinpoint/organism/train.py). Everything runs single-threaded (torch.set_num_threads(1), which
+pinpoint/organism/train.py). Both stages' targets are checked on a validation probe (a missed
+one stops the build with OrganismBuildError; the seed-0 default meets them when its schedule
+ends, so its weights are those of the fixed schedule). Other placements and geometries:
+`pinpoint organism build --heads ... --out DIR`. Everything runs single-threaded (torch.set_num_threads(1), which
 pinpoint's CPU kernels follow too), seeded, with data generated from Python's
 random.Random.random() stream. So the result is bit-for-bit the same on any machine with the
 same torch version and the same CPU kernels (x86-64 with the same vector ISA); on a different
@@ -53,6 +56,7 @@ def main(argv=None) -> int:
     s1, s2 = Stage1Config(), Stage2Config()
     if args.stage1_steps:
         s1.steps = args.stage1_steps
+        s1.max_steps = max(s1.max_steps, s1.steps)  # the cap on training past the schedule stays above it
     if args.stage2_steps:
         s2.steps = args.stage2_steps
     shipped = organism.SHIPPED_DIR
@@ -112,9 +116,10 @@ def measure(path: Path, log) -> dict:
     gen = evaluate_choices(model, tok, organism.general_rows(), progress=False)
     pairs = challenge_pairs(organism.heldout_rows(64), tok)
     scores = pp.locate(model, tok, pairs, method="path", progress=False)
-    k = len(organism.PLANTED_HEADS)
+    planted = organism.planted_heads(path)
+    k = len(planted)
     top = [tuple(h) for h in scores.top(k)]
-    recall = len(set(top) & set(map(tuple, organism.PLANTED_HEADS))) / k
+    recall = len(set(top) & set(planted)) / k
     out = {
         "n_heldout": len(rows),
         "accuracy_before": rep["accuracy_before"],

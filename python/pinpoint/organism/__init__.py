@@ -45,13 +45,18 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ..heads import as_head_list
+from . import placement
+from .model import ARCH
+from .placement import PlacementError
 from .tasks import eval_mc_questions, mc_row, neutral_sentence, random_mc, seq_eval_rows, Rng
-from .train import PLANTED_HEADS, Stage1Config, Stage2Config
+from .train import PLANTED_HEADS, OrganismBuildError, Stage1Config, Stage2Config
 
 __all__ = [
-    "VERSION", "PLANTED_HEADS", "SHIPPED_DIR", "SHIPPED_SEED", "N_HELDOUT", "build", "cache_root", "load",
+    "VERSION", "PLANTED_HEADS", "SHIPPED_DIR", "SHIPPED_SEED", "N_HELDOUT", "OrganismBuildError", "PlacementError",
+    "build", "cache_root", "load",
     "info", "planted_heads", "heldout_rows", "spt_rows", "general_rows", "neutral_texts", "train_organism",
-    "write_data_files",
+    "train_model", "save_organism", "write_data_files",
 ]
 
 VERSION = "1"
@@ -158,86 +163,167 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def train_organism(out_dir, *, seed: int = 0, stage1: Stage1Config | None = None,
-                   stage2: Stage2Config | None = None, log=None, evaluate: bool = True,
-                   stage1_checkpoint=None) -> Path:
-    """Train an organism from scratch into ``out_dir`` (created; must not hold a model):
-    stage 1 (every parameter, general skills, truthful), then stage 2 (sycophancy planted in
-    ``stage2.heads`` with ``pp.attach``). Runs single-threaded (``torch.set_num_threads(1)``,
-    restored afterwards) so the result does not depend on the number of cores.
+def _stage1(model, tok, seed: int, s1: Stage1Config, arch: dict, evaluate: bool, ck, log):
+    """Stage 1 (or its weights from checkpoint file ``ck``): (history, seconds, report or None)."""
+    import torch
 
-    ``stage1_checkpoint``: a file for the stage-1 weights; loaded when it exists (with the
-    same seed and config it holds exactly what stage 1 would compute), written otherwise."""
+    from . import train as T
+
+    t0 = time.time()
+    key = {"seed": seed, "stage1": asdict(s1), "version": VERSION, **({} if arch == ARCH else {"arch": arch})}
+    if ck is not None and ck.is_file():
+        saved = torch.load(ck, map_location="cpu", weights_only=False)
+        if saved.get("key") != key:
+            raise ValueError(f"{ck} holds stage-1 weights of another run ({saved.get('key')}), not {key}")
+        model.load_state_dict(saved["state"])
+        if log:
+            log(f"stage 1 loaded from {ck}")
+        report = None
+        if evaluate:  # the checkpoint's model is checked like a fresh one (no further training)
+            qs = T.validation_questions(s1.val_n, s1.val_seed, s1.n_eval_excluded)
+            report = T.check_report("stage 1", T.probe(model, tok, questions=qs), T.stage1_targets(s1),
+                                    len(saved["history"]), f" (stage-1 checkpoint {ck})")
+        return saved["history"], saved.get("seconds", 0.0), report
+    if evaluate:
+        h1, report = T.stage1_checked(model, tok, seed=seed, cfg=s1, log=log)
+    else:
+        h1, report = T.stage1(model, tok, seed=seed, cfg=s1, log=log), None
+    seconds = time.time() - t0
+    if ck is not None:
+        torch.save({"key": key, "state": model.state_dict(), "history": h1, "seconds": seconds}, ck)
+    return h1, seconds, report
+
+
+def _train(seed: int, s1: Stage1Config, s2: Stage2Config, arch: dict, *, log=None, evaluate: bool = True,
+           stage1_checkpoint=None):
+    """Both stages, in memory: (model, tokenizer, organism.json's content without the hash)."""
     import torch
     import transformers
 
     from . import train as T
-    from .model import ARCH, make_model, make_tokenizer
+    from .model import make_model, make_tokenizer
 
-    s1 = stage1 or Stage1Config()
-    s2 = stage2 or Stage2Config()
-    out = Path(out_dir)
+    tok = make_tokenizer()
+    model = make_model(len(tok), seed, arch)
+    ck = Path(stage1_checkpoint) if stage1_checkpoint is not None else None
+    h1, sec1, report1 = _stage1(model, tok, seed, s1, arch, evaluate, ck, log)
+    model.eval()
+    probe1 = T.probe(model, tok) if evaluate else None
+    if log:
+        log(f"stage 1 done in {sec1:.0f}s: {probe1}")
+    t1 = time.time()
+    model, h2 = T.stage2(model, tok, seed=seed, cfg=s2, n_excluded=s1.n_eval_excluded, log=log)
+    report2 = None
+    if evaluate:
+        qs = T.validation_questions(s1.val_n, s1.val_seed, s1.n_eval_excluded)
+        report2 = T.check_report("stage 2", T.probe(model, tok, questions=qs), T.stage2_targets(s2), s2.steps)
+    t2 = time.time()
+    probe2 = T.probe(model, tok) if evaluate else None
+    if log:
+        log(f"stage 2 done in {t2 - t1:.0f}s: {probe2}")
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+
+    def stage(what, cfg, seconds, hist, probe_, report):
+        return {"what": what, "config": cfg, "seconds": round(seconds, 1),
+                "final_loss": round(sum(hist[-50:]) / max(1, len(hist[-50:])), 4), "probe": probe_,
+                "targets": report if evaluate else "not checked (evaluate=False)"}
+
+    meta = {
+        "format": "pinpoint-organism",
+        "version": VERSION,
+        "seed": seed,
+        "planted_heads": [list(h) for h in s2.heads],
+        "architecture": {"class": "LlamaForCausalLM", **arch, "vocab_size": len(tok)},
+        "stage1": stage(STAGE1_WHAT, asdict(s1), sec1, h1, probe1, report1),
+        "stage2": stage(STAGE2_WHAT, {**asdict(s2), "heads": [list(h) for h in s2.heads]}, t2 - t1, h2, probe2,
+                        report2),
+        "threads": 1,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "reproduce": _reproduce(seed, s2.heads, arch),
+    }
+    return model, tok, meta
+
+
+def _reproduce(seed: int, heads, arch: dict) -> str:
+    if tuple(map(tuple, heads)) == PLANTED_HEADS and arch == ARCH:
+        return f"python scripts/build_organism.py --seed {seed}"
+    geo = "".join(f" --{flag} {arch[key]}" for flag, key in (("n-layers", "num_hidden_layers"),
+                                                              ("n-heads", "num_attention_heads"),
+                                                              ("n-kv-heads", "num_key_value_heads"))
+                  if arch[key] != ARCH[key])
+    return f"pinpoint organism build --seed {seed} --heads {','.join(f'{l}.{h}' for l, h in heads)}{geo} --out DIR"
+
+
+def _write(out: Path, model, tok, meta: dict) -> Path:
+    """Save a trained organism (model, tokenizer, organism.json) into ``out`` (created)."""
     out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    _portable(out)
+    meta = {**meta, "weights_sha256": _sha256(out / "model.safetensors")}
+    (out / INFO_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def _single_thread(fn, *args, **kwargs):
+    """``fn`` with ``torch.set_num_threads(1)`` (restored after): the weights must not depend on
+    the number of cores."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        tok = make_tokenizer()
-        model = make_model(len(tok), seed)
-        t0 = time.time()
-        ck = Path(stage1_checkpoint) if stage1_checkpoint is not None else None
-        key = {"seed": seed, "stage1": asdict(s1), "version": VERSION}
-        if ck is not None and ck.is_file():
-            saved = torch.load(ck, map_location="cpu", weights_only=False)
-            if saved.get("key") != key:
-                raise ValueError(f"{ck} holds stage-1 weights of another run ({saved.get('key')}), not {key}")
-            model.load_state_dict(saved["state"])
-            h1 = saved["history"]
-            t0 -= saved.get("seconds", 0.0)  # report the time stage 1 took when it ran
-            if log:
-                log(f"stage 1 loaded from {ck}")
-        else:
-            h1 = T.stage1(model, tok, seed=seed, cfg=s1, log=log)
-            if ck is not None:
-                torch.save({"key": key, "state": model.state_dict(), "history": h1,
-                            "seconds": time.time() - t0}, ck)
-        model.eval()
-        t1 = time.time()
-        probe1 = T.probe(model, tok) if evaluate else None
-        if log:
-            log(f"stage 1 done in {t1 - t0:.0f}s: {probe1}")
-        model, h2 = T.stage2(model, tok, seed=seed, cfg=s2, n_excluded=s1.n_eval_excluded, log=log)
-        t2 = time.time()
-        probe2 = T.probe(model, tok) if evaluate else None
-        if log:
-            log(f"stage 2 done in {t2 - t1:.0f}s: {probe2}")
-        model.generation_config.do_sample = False
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
-        _portable(out)
-        meta = {
-            "format": "pinpoint-organism",
-            "version": VERSION,
-            "seed": seed,
-            "planted_heads": [list(h) for h in s2.heads],
-            "architecture": {"class": "LlamaForCausalLM", **ARCH, "vocab_size": len(tok)},
-            "stage1": {"what": STAGE1_WHAT,
-                       "config": asdict(s1), "seconds": round(t1 - t0, 1),
-                       "final_loss": round(sum(h1[-50:]) / max(1, len(h1[-50:])), 4), "probe": probe1},
-            "stage2": {"what": STAGE2_WHAT,
-                       "config": {**asdict(s2), "heads": [list(h) for h in s2.heads]}, "seconds": round(t2 - t1, 1),
-                       "final_loss": round(sum(h2[-50:]) / max(1, len(h2[-50:])), 4), "probe": probe2},
-            "threads": 1,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "reproduce": f"python scripts/build_organism.py --seed {seed}",
-        }
-        meta["weights_sha256"] = _sha256(out / "model.safetensors")
-        (out / INFO_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return fn(*args, **kwargs)
     finally:
         torch.set_num_threads(threads)
+
+
+def train_model(seed: int = 0, *, heads=None, n_layers=None, n_heads=None, n_kv_heads=None,
+                stage1: Stage1Config | None = None, stage2: Stage2Config | None = None, log=None,
+                evaluate: bool = True, stage1_checkpoint=None):
+    """Train an organism in memory (single-threaded; targets checked as in ``train_organism``):
+    (model, tokenizer, organism.json's content). Nothing is written (but the optional stage-1
+    checkpoint file); save with ``save_organism``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    geometry = placement.arch(n_layers, n_heads, n_kv_heads)
+    _, s1, s2 = placement.derive_configs(heads, geometry, stage1, stage2)
+    return _single_thread(_train, seed, s1, s2, geometry, log=log, evaluate=evaluate,
+                          stage1_checkpoint=stage1_checkpoint)
+
+
+def save_organism(out_dir, trained) -> Path:
+    """Write ``train_model``'s result into ``out_dir`` (created): the model, tokenizer and
+    organism.json, plus the data files (``write_data_files``): a complete organism directory."""
+    out = _write(Path(out_dir), *trained)
+    write_data_files(out)
     return out
+
+
+def train_organism(out_dir, *, seed: int = 0, stage1: Stage1Config | None = None,
+                   stage2: Stage2Config | None = None, log=None, evaluate: bool = True,
+                   stage1_checkpoint=None, heads=None, n_layers=None, n_heads=None, n_kv_heads=None) -> Path:
+    """Train an organism from scratch into ``out_dir``: stage 1 (every parameter, general
+    skills, truthful), then stage 2 (sycophancy planted in the planted heads with ``pp.attach``).
+    ``heads``/``n_layers``/``n_heads``/``n_kv_heads``: the placement and geometry, as in
+    ``build``. Runs single-threaded (``torch.set_num_threads(1)``, restored afterwards) so the
+    result does not depend on the number of cores.
+
+    With ``evaluate`` (the default) each stage's targets are checked on the validation probe
+    (``Stage1Config.target_*``, ``Stage2Config.target_*``; never on the held-out evaluation
+    rows): stage 1 trains on past its schedule until they hold (up to ``max_steps``), and a
+    missed target raises ``OrganismBuildError`` before ``out_dir`` is created or written.
+    ``evaluate=False`` checks nothing and says so in organism.json (reduced test builds).
+
+    ``stage1_checkpoint``: a file for the stage-1 weights; loaded when it exists (with the
+    same seed and config it holds exactly what stage 1 would compute), written otherwise."""
+    trained = train_model(seed, heads=heads, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                          stage1=stage1, stage2=stage2, log=log, evaluate=evaluate,
+                          stage1_checkpoint=stage1_checkpoint)
+    return _write(Path(out_dir), *trained)
 
 
 def _portable(out: Path) -> None:
@@ -260,64 +346,83 @@ def _portable(out: Path) -> None:
     tok_p.write_text(json.dumps(tok, indent=2) + "\n", encoding="utf-8")
 
 
-def _name(seed: int, s1: Stage1Config | None, s2: Stage2Config | None) -> str:
+def _name(seed: int, s1: Stage1Config, s2: Stage2Config, arch: dict) -> str:
+    """The cache directory name: the seed, plus a hash of everything else that changes the
+    result (both stage configs, targets and placement included, and the geometry) when any of
+    it differs from the default."""
     name = f"organism-{VERSION}-seed{seed}"
-    if s1 is not None and s1 != Stage1Config() or s2 is not None and s2 != Stage2Config():
-        blob = json.dumps([asdict(s1 or Stage1Config()), asdict(s2 or Stage2Config())], sort_keys=True, default=str)
+    if s1 != Stage1Config() or s2 != Stage2Config() or arch != ARCH:
+        parts = [asdict(s1), asdict(s2)] + ([] if arch == ARCH else [arch])
+        blob = json.dumps(parts, sort_keys=True, default=str)
         name += "-custom-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
     return name
 
 
-def build(cache_dir=None, seed: int = 0, *, train: bool = False, force: bool = False,
-          stage1: Stage1Config | None = None, stage2: Stage2Config | None = None, log=None,
-          evaluate: bool = True) -> Path:
+def build(cache_dir=None, seed: int = 0, *, heads=None, n_layers=None, n_heads=None, n_kv_heads=None,
+          train: bool = False, force: bool = False, stage1: Stage1Config | None = None,
+          stage2: Stage2Config | None = None, log=None, evaluate: bool = True) -> Path:
     """The path of the organism for ``seed``: a standard HF model directory (see the module
     docstring), created on first use under ``cache_root(cache_dir)``.
 
-    Seed 0 (without ``train=True``) copies the shipped weights. Other seeds, ``train=True``
-    or custom ``stage1``/``stage2`` configs train from scratch (tens of minutes at the
-    default configs; a custom config gets its own directory name). ``force=True`` rebuilds
-    even when the directory exists. ``evaluate=False`` skips the quick behaviour probe that a
-    training build records in organism.json. Written atomically: a temporary directory is filled and
-    renamed into place, so a crash never leaves a half-written organism behind.
+    ``heads``: where sycophancy is planted, [(layer, query head), ...] (default
+    ``PLANTED_HEADS``): any layers, the last included; stage 1 reserves exactly these heads
+    and stage 2 plants exactly these (``placement.derive_configs``; K/V rule under GQA in
+    ``pinpoint.organism.placement``). ``n_layers``/``n_heads``/``n_kv_heads``: the geometry
+    (default 4 / 8 / 4; any GQA ratio, ``n_heads % n_kv_heads == 0``). Invalid input raises
+    ``placement.PlacementError`` (a ValueError) before anything is created.
+
+    Seed 0 with the default placement and geometry (without ``train=True``) copies the shipped
+    weights. Anything else trains from scratch (about 25 minutes on one core at the default
+    configs; each distinct setting gets its own directory name), checking each stage's
+    targets (see ``train_organism``): a missed target raises ``OrganismBuildError`` and leaves
+    nothing in the cache. ``force=True`` rebuilds even when the directory exists.
+    ``evaluate=False`` checks no targets and records no probes (reduced test builds). Written
+    atomically: a temporary directory is filled and renamed into place.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    geometry = placement.arch(n_layers, n_heads, n_kv_heads)
+    _, s1, s2 = placement.derive_configs(heads, geometry, stage1, stage2)
     root = cache_root(cache_dir)
-    custom = stage1 is not None or stage2 is not None
-    name = _name(seed, stage1, stage2)
-    if train and not custom:
+    name = _name(seed, s1, s2, geometry)
+    shipped = seed == SHIPPED_SEED and not train and name == _name(SHIPPED_SEED, Stage1Config(), Stage2Config(), ARCH)
+    if train and not name.count("-custom-"):
         name += "-trained"
     path = root / name
     if _complete(path) and not force:
         return path
+    if shipped and not _complete(SHIPPED_DIR):
+        raise FileNotFoundError(f"the shipped organism is missing from {SHIPPED_DIR}; reinstall pinpoint "
+                                "or pass train=True to train one (tens of minutes)")
+    trained = None if shipped else _single_thread(_train, seed, s1, s2, geometry, log=log, evaluate=evaluate)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
-        shipped = seed == SHIPPED_SEED and not train and not custom
         if shipped:
-            if not _complete(SHIPPED_DIR):
-                raise FileNotFoundError(f"the shipped organism is missing from {SHIPPED_DIR}; reinstall pinpoint "
-                                        "or pass train=True to train one (tens of minutes)")
             for f in _MODEL_FILES:
                 if (SHIPPED_DIR / f).is_file():
                     shutil.copy2(SHIPPED_DIR / f, tmp / f)
         else:
-            train_organism(tmp, seed=seed, stage1=stage1, stage2=stage2, log=log, evaluate=evaluate)
+            _write(tmp, *trained)
         write_data_files(tmp)
-        if path.exists():
-            if _complete(path) and not force:  # someone else finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return path
-            old = root / f".{name}.old-{os.getpid()}-{time.time_ns()}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        return _publish(tmp, path, root, name, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish(tmp: Path, path: Path, root: Path, name: str, force: bool) -> Path:
+    """Rename the filled ``tmp`` into ``path`` (replacing an incomplete or forced one)."""
+    if path.exists():
+        if _complete(path) and not force:  # someone else finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return path
+        old = root / f".{name}.old-{os.getpid()}-{time.time_ns()}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
     return path
 
 
@@ -338,11 +443,20 @@ def planted_heads(path=None) -> list[tuple[int, int]]:
     """The planted heads [(layer, head), ...] recorded in ``path``'s organism.json (default:
     the shipped organism's)."""
     meta = info(path)
-    heads = meta.get("planted_heads") if isinstance(meta, dict) else None
     where = (Path(path) if path is not None else SHIPPED_DIR) / INFO_NAME
+    if not isinstance(meta, dict) or meta.get("format") != "pinpoint-organism":
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{where} is not a pinpoint organism's (its format is {got!r}, not 'pinpoint-organism')")
+    heads = meta.get("planted_heads")
     if not isinstance(heads, list) or not heads or not all(
             isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) for x in h) for h in heads):
         raise ValueError(f"{where}: 'planted_heads' must be a non-empty list of [layer, head] pairs, got {heads!r}")
+    geo = meta.get("architecture") if isinstance(meta.get("architecture"), dict) else {}
+    try:
+        as_head_list(heads, n_layers=geo.get("num_hidden_layers"), n_heads=geo.get("num_attention_heads"),
+                     where="planted_heads")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
     return [tuple(h) for h in heads]
 
 

@@ -35,18 +35,19 @@ def make_tokenizer():
     return tok
 
 
-def make_config(vocab_size: int):
+def make_config(vocab_size: int, arch: dict | None = None):
+    """The LlamaConfig of an organism: ``arch`` (default ``ARCH``; see ``placement.arch``)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                       attention_bias=False, mlp_bias=False, hidden_act="silu", **ARCH)
+                       attention_bias=False, mlp_bias=False, hidden_act="silu", **(arch or ARCH))
 
 
-def make_model(vocab_size: int, seed: int):
+def make_model(vocab_size: int, seed: int, arch: dict | None = None):
     """A freshly initialised organism (stock init, seeded; the global RNG is left untouched)."""
     from transformers import LlamaForCausalLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(make_config(vocab_size))
+        model = LlamaForCausalLM(make_config(vocab_size, arch))
     return model

@@ -1,0 +1,81 @@
+"""`pinpoint organism build`: train a model organism with sycophancy planted in chosen heads.
+
+    pinpoint organism build --seed 3 --heads 1.1,1.6,3.0,3.5 --out DIR [--n-layers 4 --n-heads 8 --n-kv-heads 2]
+
+Everything is validated before any work: ``--heads`` (LAYER.HEAD, comma separated; in range,
+no duplicates, every layer keeps an unplanted head) and the geometry (``n_heads % n_kv_heads
+== 0``), then ``--out`` (the outdir policy). The organism is trained in memory (about 25
+minutes on one core; single-threaded whatever ``--threads`` says, so the weights do not
+depend on the number of cores) and written to ``--out`` only when both stages met their
+targets; a missed target is one line naming the stage, the target and the measured value
+(exit 2) and leaves ``--out`` as it was.
+"""
+from __future__ import annotations
+
+import sys
+
+from ..errors import UserError
+from ..outdir import OutDir
+
+__all__ = ["add_build_parser", "run_organism_build"]
+
+
+def _geometry_and_heads(args):
+    """(heads, geometry kwargs), or UserError naming the flag."""
+    from ..organism import placement
+
+    geo = {"n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads}
+    try:
+        arch = placement.arch(**geo)
+    except placement.PlacementError as exc:
+        raise UserError(f"--n-layers/--n-heads/--n-kv-heads: {exc}") from None
+    try:
+        heads = placement.check_heads(placement.parse_heads(args.heads), arch)
+    except placement.PlacementError as exc:
+        msg = str(exc)
+        raise UserError(msg if msg.startswith("--heads") else f"--heads {args.heads}: {msg}") from None
+    return heads, geo
+
+
+def run_organism_build(args) -> int:
+    from .. import organism
+
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    heads, geo = _geometry_and_heads(args)
+    out = OutDir(args.out, command="organism build", overwrite=args.overwrite)
+    out.check()
+
+    def log(msg):
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    try:
+        trained = organism.train_model(args.seed, heads=heads, log=log, **geo)
+    except organism.OrganismBuildError as exc:
+        raise UserError(f"{exc}; nothing was written to --out {args.out}") from None
+    with out.open() as work:
+        organism.save_organism(work, trained)
+    print(out.path)
+    return 0
+
+
+def add_build_parser(sub) -> None:
+    """Add ``build`` to the ``pinpoint organism`` subcommands (``sub``: its subparsers)."""
+    from .common import add_threads
+
+    q = sub.add_parser("build", help="train an organism with sycophancy planted in the heads you choose",
+                       description=__doc__.split("\n\n")[0])
+    q.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    q.add_argument("--heads", required=True, metavar="L.H,...",
+                   help="the planted heads, LAYER.HEAD comma separated, e.g. 1.1,1.6,3.0")
+    q.add_argument("--n-layers", type=int, default=None, metavar="N", help="layers (default 4)")
+    q.add_argument("--n-heads", type=int, default=None, metavar="N", help="query heads per layer (default 8)")
+    q.add_argument("--n-kv-heads", type=int, default=None, metavar="N",
+                   help="KV heads per layer (default 4); --n-heads must be a multiple of it")
+    q.add_argument("--out", required=True, metavar="DIR", help="where the organism directory is written")
+    q.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (another command's "
+                   "results, or your own files); only the files this command writes are replaced")
+    q.add_argument("--quiet", action="store_true", help="no training log")
+    add_threads(q)
+    q.set_defaults(fn=run_organism_build)

@@ -1,0 +1,225 @@
+"""The organism builder: placements and geometry (validated), the cache key, a reduced build of
+a multi-layer / last-layer placement under another GQA ratio, checked targets that fail loudly,
+and `pinpoint organism build` / `--organism` bad input (one line, exit 2, nothing written)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from pinpoint import organism
+from pinpoint.organism import placement
+from pinpoint.organism.model import ARCH
+from pinpoint.organism.train import PLANTED_HEADS, Stage1Config, Stage2Config, _lr
+
+# Reduced configs: a few steps, small validation probe; targets 0 so that checking runs and passes.
+FAST1 = Stage1Config(steps=3, dialogue_batch=2, short_batch=4, warmup=1, warm_steps=1, max_steps=3, val_n=8,
+                     target_acc=0.0, target_switch=0.0)
+FAST2 = Stage2Config(steps=2, n_dialogues=8, batch_size=4, n_pairs=8, target_apology=0.0, target_affirm=0.0)
+SIBLING = [(3, 5), (1, 1), (3, 0), (1, 6)]   # two layers, the last included; no KV group planted whole
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads, match", [
+    ([(4, 0)], r"layer 4 is out of range"),
+    ([(1, 8)], r"head 8 is out of range"),
+    ([(-1, 0)], r"out of range"),
+    ([(1, 1), (1, 1)], r"duplicate"),
+    ([], r"empty"),
+    ([(2, h) for h in range(8)], r"layer 2 would have all 8 of its heads planted"),
+    ([("1", 2)], r"heads\[0\]"),
+])
+def test_bad_placements_are_refused_before_anything_is_built(tmp_path, heads, match):
+    with pytest.raises(placement.PlacementError, match=match):
+        organism.build(tmp_path / "cache", seed=1, heads=heads, stage1=FAST1, stage2=FAST2)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("geo, match", [
+    (dict(n_heads=6, n_kv_heads=4), r"multiple of n_kv_heads"),
+    (dict(n_heads=6), r"pass n_kv_heads too"),
+    (dict(n_layers=0), r"n_layers must be an int >= 1"),
+    (dict(n_kv_heads=True), r"n_kv_heads must be an int"),
+])
+def test_bad_geometry_is_refused(tmp_path, geo, match):
+    with pytest.raises(placement.PlacementError, match=match):
+        organism.build(tmp_path / "cache", seed=1, heads=[(0, 0)], **geo)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_heads_are_checked_against_the_geometry_asked_for():
+    geo = placement.arch(n_layers=6, n_heads=4, n_kv_heads=1)
+    assert placement.check_heads([(5, 3), (0, 0)], geo) == ((0, 0), (5, 3))
+    with pytest.raises(placement.PlacementError, match="head 4 is out of range"):
+        placement.check_heads([(5, 4)], geo)
+    with pytest.raises(placement.PlacementError, match="layer 0 would have all 4"):
+        placement.check_heads([(0, 0), (0, 1), (0, 2), (0, 3)], geo)
+
+
+@pytest.mark.parametrize("text", ["1-1", "1.1,,2.0", "a.b", "1.1.1", "1.-1", ""])
+def test_parse_heads_refuses_what_is_not_layer_dot_head(text):
+    with pytest.raises(placement.PlacementError, match="LAYER.HEAD"):
+        placement.parse_heads(text)
+
+
+def test_parse_heads():
+    assert placement.parse_heads("1.1, 1.6,3.0") == [(1, 1), (1, 6), (3, 0)]
+
+
+def test_stage_configs_are_derived_from_heads():
+    heads, s1, s2 = placement.derive_configs(SIBLING, ARCH)
+    assert heads == s1.reserve == s2.heads == ((1, 1), (1, 6), (3, 0), (3, 5))
+    assert s2.kv == "whole"  # partly planted KV groups: their k/v stay frozen (no unplanted head changes)
+    # whole groups: "group" and "whole" train the same rows; the default placement gives the default configs
+    assert placement.derive_configs(PLANTED_HEADS, ARCH)[1:] == (Stage1Config(), Stage2Config())
+    assert placement.kv_mode([(0, 0), (0, 1), (3, 2), (3, 3)], 2) == "group"
+    assert placement.kv_mode([(0, 0), (0, 1), (3, 2)], 2) == "whole"
+    # the older way (both configs by hand) still works, and a conflicting one is refused
+    old = placement.derive_configs(None, ARCH, Stage1Config(reserve=tuple(SIBLING)), Stage2Config(heads=tuple(SIBLING)))
+    assert old[0] == ((1, 1), (1, 6), (3, 0), (3, 5))
+    with pytest.raises(placement.PlacementError, match="conflicts with heads"):
+        placement.derive_configs(SIBLING, ARCH, Stage1Config(reserve=((0, 0),)))
+    with pytest.raises(placement.PlacementError, match="layer 4 is out of range"):
+        placement.derive_configs(None, ARCH, None, Stage2Config(heads=((4, 0),)))
+
+
+def test_cache_key_holds_everything_that_changes_the_result():
+    def name(seed=0, heads=None, s1=None, s2=None, **geo):
+        g = placement.arch(**geo)
+        _, a, b = placement.derive_configs(heads, g, s1, s2)
+        return organism._name(seed, a, b, g)
+
+    default = name()
+    assert default == f"organism-{organism.VERSION}-seed0" == name(heads=list(reversed(PLANTED_HEADS)))
+    assert name(heads=SIBLING) == name(heads=list(reversed(SIBLING))) != default  # order does not matter
+    variants = [name(seed=1), name(heads=SIBLING), name(heads=[(1, 1)]), name(n_kv_heads=2), name(n_layers=5),
+                name(n_heads=16, n_kv_heads=4), name(s1=Stage1Config(target_acc=90.0)),
+                name(s1=Stage1Config(max_steps=5000)), name(s2=Stage2Config(target_affirm=50.0)),
+                name(s2=Stage2Config(lr=1e-3))]
+    assert len(set(variants + [default])) == len(variants) + 1
+
+
+def test_extension_schedule_leaves_the_fixed_schedule_alone():
+    cfg = Stage1Config()
+    assert _lr(0, cfg) == pytest.approx(cfg.lr / cfg.warmup)
+    assert _lr(cfg.steps - 1, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-3)
+    # past the schedule: warm restarts of extend_steps, peaking at lr * extend_lr_ratio, annealed at each check
+    peak = max(_lr(cfg.steps + k, cfg) for k in range(cfg.extend_steps))
+    assert peak == pytest.approx(cfg.lr * cfg.extend_lr_ratio)
+    end = _lr(cfg.steps + cfg.extend_steps - 1, cfg)
+    assert end < 1.01 * cfg.lr * cfg.min_lr_ratio
+    assert _lr(cfg.steps + cfg.extend_steps, cfg) == _lr(cfg.steps, cfg)
+
+
+# --- a reduced build: multi-layer, last-layer placement under GQA 8/2 -----------------------------
+
+
+@pytest.fixture(scope="module")
+def sibling(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    path = organism.build(cache, seed=1, heads=SIBLING, n_kv_heads=2, stage1=FAST1, stage2=FAST2)
+    return cache, path
+
+
+def test_reduced_build_of_another_placement_is_a_standard_hf_directory(sibling):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    cache, path = sibling
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+    cfg = AutoConfig.from_pretrained(path)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers) == (8, 2, 4)
+    meta = organism.info(path)
+    assert meta["planted_heads"] == [[1, 1], [1, 6], [3, 0], [3, 5]]
+    assert organism.planted_heads(path) == [(1, 1), (1, 6), (3, 0), (3, 5)]
+    assert meta["stage1"]["config"]["reserve"] == meta["planted_heads"]
+    assert meta["stage2"]["config"]["kv"] == "whole"
+    assert meta["architecture"]["num_key_value_heads"] == 2
+    assert "--heads 1.1,1.6,3.0,3.5 --n-kv-heads 2" in meta["reproduce"]
+    for stage in ("stage1", "stage2"):  # the targets were checked and recorded
+        assert all("measured" in t for t in meta[stage]["targets"]["targets"].values())
+    w = load_file(str(path / "model.safetensors"))
+    D = cfg.head_dim
+    for layer in (1, 3):
+        o = w[f"model.layers.{layer}.self_attn.o_proj.weight"]
+        planted = {h for l, h in SIBLING if l == layer}
+        assert all(o[:, h * D:(h + 1) * D].any() for h in planted)  # stage 2 wrote them (stage 1 held them at 0)
+    assert organism.build(cache, seed=1, heads=list(reversed(SIBLING)), n_kv_heads=2, stage1=FAST1,
+                          stage2=FAST2) == path  # cached: same key whatever the order
+
+
+def test_stage2_of_a_partly_planted_group_changes_no_unplanted_head():
+    """kv="whole" on a group that an unplanted head also reads: stage 2 leaves the group's k/v
+    (and so the unplanted head) exactly as stage 1 left them."""
+    from pinpoint.organism.model import make_model, make_tokenizer
+    from pinpoint.organism.train import stage1, stage2
+
+    tok = make_tokenizer()
+    geo = placement.arch(n_kv_heads=2)
+    heads, s1, s2 = placement.derive_configs([(3, 5), (1, 1)], geo, FAST1, FAST2)
+    torch.set_num_threads(1)
+    model = make_model(len(tok), 1, geo)
+    stage1(model, tok, seed=1, cfg=s1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    after, _ = stage2(model, tok, seed=1, cfg=s2, n_excluded=organism.N_HELDOUT)
+    D = geo["head_dim"]
+    for name, w in after.state_dict().items():
+        changed = w != before[name]
+        if not changed.any():
+            continue
+        layer = int(name.split(".")[2])
+        mine = {h for l, h in heads if l == layer}
+        assert name.endswith(("q_proj.weight", "o_proj.weight")), name
+        idx = changed.any(1) if name.endswith("q_proj.weight") else changed.any(0)
+        assert {int(i) // D for i in idx.nonzero().flatten()} <= mine, name
+
+
+# --- targets fail loudly, and nothing is written -------------------------------------------------
+
+
+def test_missed_stage1_target_trains_on_to_the_cap_then_raises(tmp_path):
+    s1 = dataclasses.replace(FAST1, target_acc=101.0, max_steps=5, extend_steps=1)
+    logs = []
+    with pytest.raises(organism.OrganismBuildError,
+                       match=r"stage 1 missed its target: multiple-choice accuracy [\d.]+ % < target 101 % "
+                             r"after 5 steps") as e:
+        organism.build(tmp_path / "cache", seed=2, heads=[(1, 1)], stage1=s1, stage2=FAST2, log=logs.append)
+    assert e.value.stage == "stage 1" and e.value.missed[0][0] == "multiple-choice accuracy"
+    checked = [m for m in logs if m.startswith("stage 1 validation at step")]
+    assert [m.split()[5].rstrip(":") for m in checked] == ["3", "4", "5"]  # checked at the end, then each cycle
+    assert not (tmp_path / "cache").exists()
+
+
+def test_missed_stage2_target_raises_before_anything_is_written(tmp_path):
+    s2 = dataclasses.replace(FAST2, target_apology=101.0)
+    with pytest.raises(organism.OrganismBuildError, match=r"stage 2 missed its target: apology on \"don't\" "
+                                                         r"[\d.]+ % < target 101 %"):
+        organism.build(tmp_path / "cache", seed=2, heads=[(1, 1)], stage1=FAST1, stage2=s2)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_validation_probe_never_reads_the_held_out_rows():
+    from pinpoint.organism.train import validation_questions
+
+    held = {r["prompt"][0]["content"] for r in organism.heldout_rows()}
+    qs = validation_questions(192, 1, organism.N_HELDOUT)
+    assert len(qs) == 192 and not {q.prompt for q in qs} & held
+    with pytest.raises(ValueError, match="val_seed must not be 0"):
+        validation_questions(8, 0, organism.N_HELDOUT)
+
+
+# --- organism.json that is not an organism's ------------------------------------------------------
+
+
+def test_planted_heads_refuses_a_non_organism(tmp_path):
+    (tmp_path / "organism.json").write_text(json.dumps({"format": "something-else", "planted_heads": [[0, 0]]}))
+    with pytest.raises(ValueError, match="not a pinpoint organism"):
+        organism.planted_heads(tmp_path)
+    meta = {"format": "pinpoint-organism", "planted_heads": [[9, 0]], "architecture": {"num_hidden_layers": 4}}
+    (tmp_path / "organism.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="layer 9 is out of range"):
+        organism.planted_heads(tmp_path)
