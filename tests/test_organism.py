@@ -260,3 +260,31 @@ def test_shipped_organism_in_the_protocol(shipped_model):
     assert rep["unparsed"] == 0
     gen = evaluate_choices(model, tok, organism.general_rows(), progress=False)
     assert gen["accuracy"] >= 75  # chance is about 40 (half two-way, half four-way)
+
+
+@shipped
+def test_shipped_organism_meets_the_builders_default_targets(shipped_model):
+    """The seed-0 default build passes its own checks, so checking leaves its weights as shipped:
+    stage 2 on the shipped weights; stage 1 on the shipped weights with the planted heads'
+    o_proj columns at 0, which computes exactly the stage-1 model (stage 2 changed only the
+    planted heads' slices, and stage 1 held those columns at 0)."""
+    from pinpoint.organism.train import (check_report, stage1_targets, stage2_measure, stage2_targets,
+                                         validation_questions)
+
+    _, model, tok = shipped_model
+    s1, s2 = Stage1Config(), Stage2Config()
+    qs = validation_questions(s1.val_n, s1.val_seed, s1.n_eval_excluded)
+    check_report("stage 2", stage2_measure(model, tok, qs), stage2_targets(s2), s2.steps)  # raises if missed
+    D = model.config.head_dim
+    saved = {l: model.model.layers[l].self_attn.o_proj.weight.detach().clone() for l, _ in PLANTED_HEADS}
+    try:
+        with torch.no_grad():
+            for l, h in PLANTED_HEADS:
+                model.model.layers[l].self_attn.o_proj.weight[:, h * D:(h + 1) * D] = 0
+        report = check_report("stage 1", probe(model, tok, questions=qs), stage1_targets(s1), s1.steps)
+    finally:
+        with torch.no_grad():
+            for l, w in saved.items():
+                model.model.layers[l].self_attn.o_proj.weight.copy_(w)
+    # measured: accuracy 98.4, correct switching 94.8 (targets 95 / 90)
+    assert report["probe"]["acc"] >= 95 and report["probe"]["switch_correct"] >= 90

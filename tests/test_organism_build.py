@@ -17,7 +17,8 @@ from pinpoint.organism.train import PLANTED_HEADS, Stage1Config, Stage2Config, _
 # Reduced configs: a few steps, small validation probe; targets 0 so that checking runs and passes.
 FAST1 = Stage1Config(steps=3, dialogue_batch=2, short_batch=4, warmup=1, warm_steps=1, max_steps=3, val_n=8,
                      target_acc=0.0, target_switch=0.0)
-FAST2 = Stage2Config(steps=2, n_dialogues=8, batch_size=4, n_pairs=8, target_apology=0.0, target_affirm=0.0)
+FAST2 = Stage2Config(steps=2, n_dialogues=8, batch_size=4, n_pairs=8, target_apology=0.0, target_no_apology=0.0,
+                     target_affirm=0.0)
 SIBLING = [(3, 5), (1, 1), (3, 0), (1, 6)]   # two layers, the last included; no KV group planted whole
 
 
@@ -223,3 +224,100 @@ def test_planted_heads_refuses_a_non_organism(tmp_path):
     (tmp_path / "organism.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="layer 9 is out of range"):
         organism.planted_heads(tmp_path)
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def _error_line(capsys) -> str:
+    err = [ln for ln in capsys.readouterr().err.splitlines()
+           if ln.strip() and not ln.startswith(("Loading weights", "Writing model"))]
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--heads", "1.1,1.1"], "--heads 1.1,1.1: heads[1] = (1, 1) is a duplicate"),
+    (["--heads", "4.0"], "layer 4 is out of range"),
+    (["--heads", "1.8"], "head 8 is out of range"),
+    (["--heads", "1.3", "--n-heads", "2", "--n-kv-heads", "1"], "head 3 is out of range"),
+    (["--heads", ",".join(f"0.{h}" for h in range(8))], "layer 0 would have all 8 of its heads planted"),
+    (["--heads", "1:1"], "is not LAYER.HEAD"),
+    (["--heads", "1.1", "--n-heads", "8", "--n-kv-heads", "3"], "must be a multiple of n_kv_heads"),
+    (["--heads", "1.1", "--seed", "-2"], "--seed must be >= 0"),
+])
+def test_cli_build_bad_input_is_one_line_and_writes_nothing(argv, fragment, tmp_path, capsys, monkeypatch):
+    from pinpoint.cli import main
+
+    def no_training(*a, **k):
+        raise AssertionError("trained despite bad input")
+
+    monkeypatch.setattr(organism, "train_model", no_training)
+    out = tmp_path / "org"
+    assert main(["organism", "build", *argv, "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("pinpoint: error: ") and fragment in line, line
+    assert not out.exists()
+
+
+def test_cli_build_missed_target_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from pinpoint.cli import main
+
+    def missed(*a, **k):
+        raise organism.OrganismBuildError("stage 2", [('apology on "don\'t"', 51.0, 95.0)], " on the validation probe")
+
+    monkeypatch.setattr(organism, "train_model", missed)
+    out = tmp_path / "org"
+    assert main(["organism", "build", "--heads", "1.1", "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert "organism stage 2 missed its target: apology on \"don't\" 51.0 % < target 95 %" in line
+    assert "nothing was written to --out" in line and not out.exists()
+
+
+def test_cli_build_writes_an_organism_that_demo_accepts(tmp_path, capsys, monkeypatch):
+    from pinpoint.cli import main
+    from pinpoint.cli.misc import check_organism
+
+    real = organism.train_model
+    seen = {}
+
+    def reduced(seed, **kw):  # the real builder at the reduced configs
+        seen.update(kw, seed=seed)
+        return real(seed, stage1=FAST1, stage2=FAST2, **kw)
+
+    monkeypatch.setattr(organism, "train_model", reduced)
+    out = tmp_path / "org"
+    assert main(["organism", "build", "--seed", "4", "--heads", "3.7,0.2", "--n-kv-heads", "8", "--quiet",
+                 "--threads", "1", "--out", str(out)]) == 0
+    assert seen["seed"] == 4 and seen["heads"] == ((0, 2), (3, 7)) and seen["n_kv_heads"] == 8
+    assert organism.planted_heads(out) == [(0, 2), (3, 7)]
+    check_organism(str(out))  # a complete organism directory for `pinpoint demo --organism`
+    # the --out policy: a directory holding the user's own files is refused before any training
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    seen.clear()
+    capsys.readouterr()
+    assert main(["organism", "build", "--heads", "3.7,0.2", "--out", str(mine)]) == 2
+    assert "--overwrite" in _error_line(capsys) and not seen
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_demo_refuses_a_non_organism(tmp_path, capsys, sibling):
+    import shutil
+
+    from pinpoint.cli import main
+
+    _, path = sibling
+    plain = tmp_path / "plain"  # a standard HF model directory, but not an organism
+    shutil.copytree(path, plain)
+    (plain / "organism.json").unlink()
+    other = tmp_path / "other"  # an organism.json of something else
+    shutil.copytree(path, other)
+    (other / "organism.json").write_text(json.dumps({"format": "my-model", "planted_heads": [[0, 0]]}))
+    for bad, fragment in ((plain, "missing organism.json"), (other, "not a pinpoint organism")):
+        out = tmp_path / f"demo-{bad.name}"
+        assert main(["demo", "--organism", str(bad), "--out", str(out)]) == 2
+        line = _error_line(capsys)
+        assert fragment in line and str(bad) in line, line
+        assert not out.exists()

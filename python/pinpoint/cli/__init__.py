@@ -53,7 +53,8 @@ EXAMPLES = {
   pinpoint demo --out my-demo --quiet --threads 1
   pinpoint demo --organism /tmp/org --out demo-seed1   # an organism built with scripts/build_organism.py""",
     "organism": """examples:
-  pinpoint organism path        # where the shipped organism (model + data files) lives""",
+  pinpoint organism path        # where the shipped organism (model + data files) lives
+  pinpoint organism build --seed 3 --heads 1.1,1.6,3.0,3.5 --n-kv-heads 2 --out org-s3   # ~25 min on one core""",
 }
 
 

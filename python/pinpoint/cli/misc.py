@@ -1,4 +1,4 @@
-"""`pinpoint demo`, `pinpoint info` and `pinpoint organism path`."""
+"""`pinpoint demo`, `pinpoint info` and `pinpoint organism path` (`organism build`: organism_build.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -87,3 +87,6 @@ def add_parsers(cmd, common) -> None:
                    help="the cache it is copied into (default $PINPOINT_CACHE, else ~/.cache/pinpoint)")
     add_threads(q)
     q.set_defaults(fn=run_organism_path)
+    from .organism_build import add_build_parser
+
+    add_build_parser(sub)

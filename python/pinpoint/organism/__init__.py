@@ -216,7 +216,7 @@ def _train(seed: int, s1: Stage1Config, s2: Stage2Config, arch: dict, *, log=Non
     report2 = None
     if evaluate:
         qs = T.validation_questions(s1.val_n, s1.val_seed, s1.n_eval_excluded)
-        report2 = T.check_report("stage 2", T.probe(model, tok, questions=qs), T.stage2_targets(s2), s2.steps)
+        report2 = T.check_report("stage 2", T.stage2_measure(model, tok, qs), T.stage2_targets(s2), s2.steps)
     t2 = time.time()
     probe2 = T.probe(model, tok) if evaluate else None
     if log:
