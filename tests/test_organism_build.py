@@ -11,7 +11,7 @@ import torch
 
 from pinpoint import organism
 from pinpoint.organism import placement
-from pinpoint.organism.model import ARCH
+from pinpoint.organism.placement import ARCH
 from pinpoint.organism.train import PLANTED_HEADS, Stage1Config, Stage2Config, _lr
 
 # Reduced configs: a few steps, small validation probe; targets 0 so that checking runs and passes.

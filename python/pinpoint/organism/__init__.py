@@ -47,8 +47,7 @@ from pathlib import Path
 
 from ..heads import as_head_list
 from . import placement
-from .model import ARCH
-from .placement import PlacementError
+from .placement import ARCH, PlacementError
 from .tasks import eval_mc_questions, mc_row, neutral_sentence, random_mc, seq_eval_rows, Rng
 from .train import PLANTED_HEADS, OrganismBuildError, Stage1Config, Stage2Config
 

@@ -5,14 +5,11 @@ from __future__ import annotations
 import torch
 
 from ..testing import DEFAULT_CHAT_TEMPLATE, DEFAULT_WORDS, SPECIAL_TOKENS, word_tokenizer
+from .placement import ARCH
 from .tasks import CAPITALS, COUNTRIES
 
 __all__ = ["ARCH", "EXTRA_WORDS", "VOCAB_WORDS", "make_tokenizer", "make_config", "make_model"]
 
-# Geometry: 4 layers x 8 query heads (4 KV heads, so GQA groups of 2), head_dim 16.
-ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=4, head_dim=16, max_position_embeddings=512, rope_theta=10000.0,
-            rms_norm_eps=1e-5, initializer_range=0.02, tie_word_embeddings=False)
 
 # Words the synthetic tasks need beyond pinpoint.testing.DEFAULT_WORDS (which already covers the
 # "are you sure" protocol sentences and pinpoint.data's tuning phrases).

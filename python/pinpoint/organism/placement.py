@@ -1,6 +1,6 @@
 """Where an organism's behaviour is planted, and the geometry it is planted in.
 
-``arch(n_layers, n_heads, n_kv_heads)`` is the organism's architecture with those three
+``arch(n_layers, n_heads, n_kv_heads)`` is the organism's architecture (``ARCH``) with those three
 overridden (hidden size 128 and head_dim 16 stay: the residual stream is the same width for
 every placement, so a placement changes where heads are, not how much the model can store).
 ``check_heads(heads, arch)`` validates a planted placement against it, and
@@ -25,10 +25,16 @@ from __future__ import annotations
 import dataclasses
 
 from ..heads import as_head_list
-from .model import ARCH
 from .train import PLANTED_HEADS, Stage1Config, Stage2Config
 
-__all__ = ["PlacementError", "arch", "check_heads", "parse_heads", "kv_mode", "derive_configs"]
+__all__ = ["ARCH", "PlacementError", "arch", "check_heads", "parse_heads", "kv_mode", "derive_configs"]
+
+
+# The default geometry: 4 layers x 8 query heads (4 KV heads, so GQA groups of 2), head_dim 16.
+# (Here rather than in model.py, which imports pinpoint.testing: the placement rules stay below it.)
+ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=16, max_position_embeddings=512, rope_theta=10000.0,
+            rms_norm_eps=1e-5, initializer_range=0.02, tie_word_embeddings=False)
 
 
 class PlacementError(ValueError):
@@ -42,7 +48,7 @@ def _positive_int(value, name: str) -> int:
 
 
 def arch(n_layers=None, n_heads=None, n_kv_heads=None) -> dict:
-    """The organism's architecture (``model.ARCH``) with these overrides, validated: every
+    """The organism's architecture (``ARCH``) with these overrides, validated: every
     count an int >= 1 and ``n_heads % n_kv_heads == 0`` (GQA groups of equal size)."""
     out = dict(ARCH)
     for key, value, name in (("num_hidden_layers", n_layers, "n_layers"), ("num_attention_heads", n_heads, "n_heads"),
