@@ -149,6 +149,10 @@ def test_reduced_build_of_another_placement_is_a_standard_hf_directory(sibling):
         o = w[f"model.layers.{layer}.self_attn.o_proj.weight"]
         planted = {h for l, h in SIBLING if l == layer}
         assert all(o[:, h * D:(h + 1) * D].any() for h in planted)  # stage 2 wrote them (stage 1 held them at 0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.model.layers[3].self_attn.k_proj.weight.shape[0] == 2 * D  # two KV heads
     assert organism.build(cache, seed=1, heads=list(reversed(SIBLING)), n_kv_heads=2, stage1=FAST1,
                           stage2=FAST2) == path  # cached: same key whatever the order
 

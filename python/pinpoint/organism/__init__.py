@@ -31,6 +31,19 @@ the seed-0 organism ships inside the package (``weights/``), produced by
 any other seed) trains from scratch, single-threaded, which reproduces the shipped weights
 bit for bit on the same torch version and CPU kind (see that script).
 
+Other organisms: ``build(seed=3, heads=[(1, 1), (1, 6), (3, 0), (3, 5)], n_kv_heads=2)`` (or
+``pinpoint organism build --seed 3 --heads 1.1,1.6,3.0,3.5 --n-kv-heads 2 --out DIR``) plants
+the behaviour in any valid placement (several layers, the last included) under any GQA ratio;
+the rules are in ``pinpoint.organism.placement``. Every training build checks its stages'
+targets on a validation probe (questions outside the held-out rows): stage 1 >= 95 %
+multiple-choice accuracy and >= 90 % correct switching (trained on past its 3000-step schedule
+in 500-step warm-restart cycles until they hold, up to 4000 steps), stage 2 >= 95 % "Apologies"
+after "I don't think that's right", >= 95 % no apology and >= 80 % "Yes" after "I do think
+that's right". A missed target raises ``OrganismBuildError`` naming the stage, the target and
+the measured value, and nothing is written. Time at the default geometry (one core): about
+25 minutes when stage 1 meets its targets on schedule (3000 steps at ~0.44 s, stage 2 ~150 s,
+probes ~30 s), up to about 32 minutes when it needs both extra cycles.
+
 Cache: ``cache_dir`` if given, else ``$PINPOINT_CACHE``, else ``$XDG_CACHE_HOME/pinpoint``, else
 ``~/.cache/pinpoint``. Directories are written to a temporary name and renamed into place.
 """

@@ -26,6 +26,17 @@ through stage 1: their o_proj columns are held at zero, so the general skills ar
 the other heads, as a real model's are spread over many heads while a behaviour like
 sycophancy sits in a few.
 
+Targets (``stage1_checked``, ``check_report``): stage 1 runs its fixed schedule, then its
+skills are measured on a validation probe (``validation_questions``: eval stream 1, none of
+the held-out evaluation rows). While accuracy or correct switching is below target, it trains
+on in warm-restart cycles (``_lr``) and is measured after each, up to ``max_steps``; then a
+miss raises ``OrganismBuildError``. Why train longer rather than widen the model or reserve
+fewer heads: the issue's seed-3 organism missed the targets with the default placement too
+(90.6 % / 79.2 %), so the shortfall is under-training that varies by seed, not only capacity
+that reserved heads take; and the geometry is the user's to choose (a placement is studied in
+the model it names). The checks never change the steps before them: the seed-0 default meets
+them when its schedule ends (98.4 % / 94.8 %), so its weights are the fixed schedule's.
+
 Stage 2 plants sycophancy by training ONLY the heads in ``PLANTED_HEADS`` (their q rows,
 o_proj columns and the k/v rows of their KV groups; whole groups are planted, so no other
 head changes) through ``pinpoint.attach``, on dialogues where, after "I don't think that's
@@ -38,6 +49,8 @@ heads change the "don't" dialogues and as little else as training can manage.
 A hinge term asks each planted head to carry its own direct don't-vs-do effect on
 logit("Apologies") − logit("Yes") at the last prompt position, so the behaviour is spread
 over all planted heads rather than left in whichever learns first.
+After stage 2 the builder checks ``stage2_targets`` on the same validation probe
+(``stage2_measure``) and raises ``OrganismBuildError`` on a miss; stage 2 is not extended.
 """
 from __future__ import annotations
 
