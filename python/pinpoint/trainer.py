@@ -32,7 +32,8 @@ from .modes import train_mode
 from .progress import progress as progress_bar
 from .tune_config import TuneConfig
 
-__all__ = ["CHECKPOINT_NAME", "Trainer", "accumulate_gradients", "batch_indices", "batch_loss_sum", "lr_at"]
+__all__ = ["CHECKPOINT_NAME", "Trainer", "accumulate_gradients", "batch_indices", "batch_loss_sum", "loss_tokens",
+           "lr_at"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "pinpoint-tune-checkpoint"
@@ -52,13 +53,19 @@ def _split(batch, parts: int):
     return [batch[bounds[i]:bounds[i + 1]] for i in range(parts) if bounds[i + 1] > bounds[i]]
 
 
+def loss_tokens(batch) -> int:
+    """How many tokens of ``batch`` (a list of (ids, labels)) carry loss."""
+    return sum(sum(1 for t in lab[1:] if t != IGNORE) for _, lab in batch)
+
+
 def accumulate_gradients(model, batch, *, grad_accum: int = 1, pad_id: int = 0,
-                         autocast_dtype: torch.dtype | None = None) -> float:
+                         autocast_dtype: torch.dtype | None = None, n_tok: int | None = None) -> float:
     """Backward of one optimizer step's loss over ``batch`` (a list of (ids, labels)), run as
     ``grad_accum`` micro-batches. The loss is the sum of assistant-token cross-entropies over
-    the whole batch divided by the batch's assistant-token count, so the accumulated gradient
+    the whole batch divided by the batch's assistant-token count (``n_tok``: the count of the
+    global batch when ``batch`` is one rank's share of it), so the accumulated gradient
     does not depend on ``grad_accum``. Returns that loss."""
-    n_tok = sum(sum(1 for t in lab[1:] if t != IGNORE) for _, lab in batch)
+    n_tok = loss_tokens(batch) if n_tok is None else n_tok
     device = input_device(model)  # the embedding's execution device (accelerate-aware)
     amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype is not None else nullcontext
     total = 0.0
@@ -102,14 +109,19 @@ class Trainer:
 
     ``config``: a resolved :class:`TuneConfig`; ``signature``: its ``signature(...)``;
     ``pad_id``: the id at padded positions; ``autocast_dtype``: compute dtype through autocast
-    (None: the model's own); ``checkpoint``: path of ``checkpoint.pt`` or None.
+    (None: the model's own); ``checkpoint``: path of ``checkpoint.pt`` or None; ``dp``: a
+    :class:`~pinpoint.distributed.DataParallel` group (this rank takes its share of each global
+    batch, gradients are all-reduced, rank 0 writes the checkpoints) or None.
     """
 
     def __init__(self, handle, rows, config: TuneConfig, *, signature: dict, pad_id: int,
-                 autocast_dtype: torch.dtype | None = None, checkpoint: Path | None = None):
+                 autocast_dtype: torch.dtype | None = None, checkpoint: Path | None = None, dp=None):
         self.handle, self.rows, self.config, self.signature = handle, rows, config, signature
         self.pad_id, self.autocast_dtype, self.checkpoint = pad_id, autocast_dtype, checkpoint
         self.params = list(handle.parameters())
+        self.dp = dp
+        if dp is not None:
+            dp.check_batch(config.batch_size, config.grad_accum)
         full, c = config.full, config
         wd = c.weight_decay if (full or c.decay_to == "base") else 0.0  # "zero" decays by hand, in step()
         self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=wd)
@@ -129,8 +141,12 @@ class Trainer:
             g["lr"] = cur_lr
         batch = [self.rows[i] for i in batch_indices(len(self.rows), c.batch_size, c.seed, step)]
         self.optimizer.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(handle.model, batch, grad_accum=c.grad_accum, pad_id=self.pad_id,
-                                    autocast_dtype=self.autocast_dtype)
+        dp = self.dp
+        loss = accumulate_gradients(handle.model, batch if dp is None else dp.share(batch), grad_accum=c.grad_accum,
+                                    pad_id=self.pad_id, autocast_dtype=self.autocast_dtype, n_tok=loss_tokens(batch))
+        if dp is not None:  # the sum of the ranks' gradients is the global batch's gradient
+            dp.all_reduce_grads(self.params)
+            loss = dp.all_reduce_loss(loss)
         before, after = getattr(handle, "before_step", None), getattr(handle, "after_step", None)
         if before is not None:
             before()
@@ -149,13 +165,19 @@ class Trainer:
         return None if self.config.full else self.handle.fingerprint()
 
     def save(self, done: int) -> None:
-        """Write the checkpoint after ``done`` steps (atomically)."""
+        """Write the checkpoint after ``done`` steps (atomically; rank 0 only, the others wait)."""
+        if self.dp is not None and self.dp.rank != 0:
+            self.dp.barrier()
+            return
         atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "version": 1, "step": done, "signature": self.signature,
             "base_fingerprint": self._fingerprint(),
             "trainable": {k: v.detach() for k, v in self.handle.state_dict().items()},
             "optimizer": self.optimizer.state_dict(), "history": self.handle.history,
+            "world_size": 1 if self.dp is None else self.dp.world,  # informative: resuming takes any world size
         }, self.checkpoint)
+        if self.dp is not None:
+            self.dp.barrier()
 
     def resume(self) -> int:
         """Load the checkpoint (if there is one) into the handle and optimizer; returns the step to start at."""
@@ -189,6 +211,7 @@ class Trainer:
         c, handle = self.config, self.handle
         model = handle.model
         devices = [p.device for p in self.params[:1] if p.device.type == "cuda"]
+        progress = progress and (self.dp is None or self.dp.rank == 0)  # one bar: rank 0's
         bar = progress_bar(c.steps, "SFT (all parameters)" if c.full else "pinpoint tune", progress, leave=True,
                            initial=start, dynamic_ncols=True)
         try:
