@@ -325,3 +325,21 @@ def test_demo_refuses_a_non_organism(tmp_path, capsys, sibling):
         line = _error_line(capsys)
         assert fragment in line and str(bad) in line, line
         assert not out.exists()
+
+
+def test_checking_does_not_change_what_the_schedule_computes():
+    """A build that meets its targets when the schedule ends has exactly the fixed schedule's
+    weights (so the shipped seed-0 weights stay reproducible), and one that misses trains on."""
+    from pinpoint.organism.model import make_model, make_tokenizer
+    from pinpoint.organism.train import stage1
+
+    tok = make_tokenizer()
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(FAST1, steps=4, max_steps=6, extend_steps=2)
+    plain, checked, longer = (make_model(len(tok), 3) for _ in range(3))
+    assert len(stage1(plain, tok, seed=3, cfg=cfg)) == 4
+    calls = []
+    assert len(stage1(checked, tok, seed=3, cfg=cfg, check=lambda m, step: calls.append(step) or True)) == 4
+    assert calls == [4] and all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                                   checked.state_dict().values()))
+    assert len(stage1(longer, tok, seed=3, cfg=cfg, check=lambda m, step: False)) == 6
