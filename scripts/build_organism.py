@@ -42,6 +42,11 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="rebuild into a temp dir and compare with the shipped files")
     ap.add_argument("--stage1-steps", type=int, default=None)
     ap.add_argument("--stage2-steps", type=int, default=None)
+    ap.add_argument("--stage1-max-steps", type=int, default=None,
+                    help="cap on stage 1 when its targets are missed at the end of the schedule (default 4000; "
+                         "with --stage1-steps N: N, i.e. no training past the schedule)")
+    ap.add_argument("--no-targets", action="store_true",
+                    help="check no stage targets and record no probes (quick experiments; never for a shipped build)")
     ap.add_argument("--no-eval", action="store_true", help="skip the full are-you-sure evaluation at the end")
     ap.add_argument("--stage1-checkpoint", type=Path, default=None,
                     help="reuse stage-1 weights from this file if it exists (same seed/config), else save them there")
@@ -55,12 +60,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     s1, s2 = Stage1Config(), Stage2Config()
     if args.stage1_steps:
-        s1.steps = args.stage1_steps
-        s1.max_steps = max(s1.max_steps, s1.steps)  # the cap on training past the schedule stays above it
+        s1.steps = s1.max_steps = args.stage1_steps
+    if args.stage1_max_steps:
+        if args.stage1_max_steps < s1.steps:
+            ap.error(f"--stage1-max-steps {args.stage1_max_steps} is below the schedule's {s1.steps} steps")
+        s1.max_steps = args.stage1_max_steps
     if args.stage2_steps:
         s2.steps = args.stage2_steps
     shipped = organism.SHIPPED_DIR
-    custom = args.seed != organism.SHIPPED_SEED or args.stage1_steps or args.stage2_steps
+    custom = (args.seed != organism.SHIPPED_SEED or args.stage1_steps or args.stage2_steps or args.stage1_max_steps
+              or args.no_targets)
     if custom and not args.out and not args.check:
         ap.error(f"the package ships the default seed-{organism.SHIPPED_SEED} organism; "
                  "a different seed or step count needs --out DIR")
@@ -74,7 +83,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     work = Path(tempfile.mkdtemp(prefix="organism-build-"))
     try:
-        organism.train_organism(work, seed=args.seed, stage1=s1, stage2=s2, log=log,
+        organism.train_organism(work, seed=args.seed, stage1=s1, stage2=s2, log=log, evaluate=not args.no_targets,
                                 stage1_checkpoint=args.stage1_checkpoint)
         meta = json.loads((work / organism.INFO_NAME).read_text())
         if not args.no_eval:
