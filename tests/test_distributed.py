@@ -141,3 +141,39 @@ def test_resuming_with_another_head_set_is_refused(tmp_path):
     pp.tune(_model(), tok, DIALOGUES, checkpoint_dir=tmp_path, **kw)
     with pytest.raises(ValueError, match=r"cannot resume .*different run \(heads: checkpoint \[\[0, 1\], "):
         pp.tune(_model(), tok, DIALOGUES, checkpoint_dir=tmp_path, resume=True, **{**kw, "heads": [(0, 1), (2, 0)]})
+
+
+@pytest.mark.slow  # four interpreters (~40 s on a busy 2-core box)
+def test_cli_tune_under_torchrun_writes_once_and_equals_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m pinpoint tune ...` (its environment, two interpreters):
+    rank 0 alone writes --out, tune.json records the world size and per-rank batch, and the
+    adapter equals a 1-process `pinpoint tune` on the same global batch."""
+    import json
+    import subprocess
+    import sys
+
+    from pinpoint import data
+    from pinpoint.cli import main
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama", n_layers=2, n_heads=4, n_kv_heads=2).save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "heads.json").write_text(json.dumps({"heads": [[0, 1], [1, 2]]}))
+    argv = ["tune", "--model", str(model_dir), "--data", str(data.SAMPLE_PATH), "--limit", "8", "--heads",
+            str(tmp_path / "heads.json"), "--steps", "2", "--batch-size", "4", "--lr", "1e-3", "--quiet"]
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "pinpoint", *argv, "--out", str(tmp_path / "dp")],
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                                   "PINPOINT_SELF_CHECK": "0"}, stdout=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert "wrote" in outs[0] and outs[1] == ""                      # logs from rank 0 only
+    summary = json.loads((tmp_path / "dp" / "tune.json").read_text())
+    assert summary["world_size"] == 2 and summary["per_rank_batch"] == 2 and summary["batch_size"] == 4
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    assert json.loads((tmp_path / "one" / "tune.json").read_text())["world_size"] == 1
+    got, want = (load_file(tmp_path / d / "adapter" / "adapter.safetensors") for d in ("dp", "one"))
+    _close(got, want)

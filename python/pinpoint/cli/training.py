@@ -54,7 +54,21 @@ def _interrupted_note(ckpt_dir: Path):
 
 
 def run_tune(args) -> int:
+    """Under torchrun every rank runs this: rank 0 prints and writes --out, all ranks train."""
+    import contextlib
+    import io
+
+    from ..distributed import init_from_env, is_main_process
+
+    init_from_env()
+    quiet = contextlib.nullcontext() if is_main_process() else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        return _run_tune(args)
+
+
+def _run_tune(args) -> int:
     from ..data import spt_dialogues
+    from ..distributed import is_main_process
     from ..files import atomic_write_json
     from ..tune import tune
 
@@ -72,7 +86,7 @@ def run_tune(args) -> int:
     print(f"tune: {what}; lr {args.lr:g}, {args.steps} steps, batch {args.batch_size} (grad-accum "
           f"{args.grad_accum}), weight decay {args.weight_decay:g}, seed {args.seed}, {len(dialogues)} dialogues")
     with out.open() as stage:
-        if had_checkpoint and not args.resume:  # --overwrite: start over
+        if had_checkpoint and not args.resume and is_main_process():  # --overwrite: start over
             shutil.rmtree(ckpt_dir)
         args.on_interrupt = _interrupted_note(ckpt_dir)
         t0 = time.perf_counter()
@@ -121,6 +135,7 @@ def _summary(args, heads, result, n_dialogues: int, seconds: float) -> dict:
         "seed": args.seed, "n_dialogues": n_dialogues, "model": str(args.model), "data": str(args.data),
         "trainable_params": sum(p.numel() for p in result.parameters()),
         "final_loss": history[-1]["loss"] if history else None, "seconds": seconds,
+        **getattr(result, "training", {}),  # world_size, per_rank_batch (torchrun: data parallel)
     }
 
 
