@@ -428,3 +428,10 @@ def test_phi3_fused_qkv_rows_are_the_head_slices(n_kv):
     fused.weight.data[-1] = 0  # a wrong shape is refused by name
     model.model.layers[0].self_attn.qkv_proj = nn.Linear(32, 40, bias=False)
     _raises(model, "qkv_proj.weight", "has shape (40, 32)")
+
+
+def test_rejects_mixture_of_experts_mlps():
+    cfg = tf.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
+                           sliding_window=None)
+    _raises(tf.MixtralForCausalLM(cfg), "model.layers[0].mlp` (MixtralSparseMoeBlock)", "mixture-of-experts")

@@ -454,6 +454,9 @@ def _llama_family(model: nn.Module, config: Any, body: nn.Module) -> dict:
         w = f"model.layers[{i}]"
         attn = _get(model, block, "self_attn", w)
         mlp = _get(model, block, "mlp", w)
+        if getattr(mlp, "experts", None) is not None:  # Mixtral, Qwen2/3-MoE, ERNIE-MoE ...
+            raise _fail(model, f"`{w}.mlp` ({type(mlp).__name__}) routes tokens through mixture-of-experts MLPs, "
+                               "which path patching's one-token MLP reruns do not support yet")
         in_norm = _get(model, block, "input_layernorm", w)
         post_norm = _get(model, block, "post_attention_layernorm", w)
         _check_children(model, block, {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}, w)
