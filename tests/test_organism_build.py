@@ -343,3 +343,14 @@ def test_checking_does_not_change_what_the_schedule_computes():
     assert calls == [4] and all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
                                                                    checked.state_dict().values()))
     assert len(stage1(longer, tok, seed=3, cfg=cfg, check=lambda m, step: False)) == 6
+
+
+@pytest.mark.skipif(not (organism.SHIPPED_DIR / "model.safetensors").is_file(), reason="weights not shipped here")
+def test_default_placement_given_explicitly_is_the_shipped_organism(tmp_path, monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("trained the default organism instead of copying the shipped one")
+
+    monkeypatch.setattr(organism, "_train", no_training)
+    path = organism.build(tmp_path, heads=list(reversed(PLANTED_HEADS)), n_layers=4, n_heads=8, n_kv_heads=4)
+    assert path.name == f"organism-{organism.VERSION}-seed0"
+    assert (path / "model.safetensors").read_bytes() == (organism.SHIPPED_DIR / "model.safetensors").read_bytes()
