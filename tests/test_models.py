@@ -316,9 +316,9 @@ def test_rejects_qk_norm_relative():
     model = tf.Qwen3ForCausalLM(cfg)
     model.model.layers[0].self_attn.q_norm = nn.LayerNorm(4 * 128)  # over all heads together
     _raises(model, "self_attn.q_norm` normalises across all heads together")
-    olmoe = tf.OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=4, num_experts=2, num_experts_per_tok=1)
-    _raises(tf.OlmoeForCausalLM(olmoe), "q_norm")
+    olmo2 = tf.Olmo2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    _raises(tf.Olmo2ForCausalLM(olmo2), "across all heads together (q_norm")
 
 
 def test_accepts_same_layout_relative():
