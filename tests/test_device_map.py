@@ -130,6 +130,9 @@ def test_a_layer_left_on_meta_is_one_clear_error(tmp_path, tok):
         locate(model, tok, PAIRS, progress=False)
     with pytest.raises(ValueError, match="'meta' device"):
         knockout(model, tok, PAIRS, HEADS, progress=False)
+    with pytest.raises(ValueError, match=r"model\.layers\.2\..*'meta' device"):
+        pp.attach(model, HEADS)
+    assert not any(p.requires_grad is False for p in model.parameters())   # refused before freezing anything
 
 
 def test_an_empty_skeleton_is_refused(tok):
@@ -236,3 +239,21 @@ def test_parse_max_memory():
     for bad in ("0=10GiB,0=1GiB", "cpu", "=1GiB", "cpu=1XB"):
         with pytest.raises(ValueError, match="max_memory"):
             parse_max_memory(bad)
+
+
+def test_cpu_offload_hooks_only_on_leaf_modules(tok):
+    """accelerate.cpu_offload puts every weight on "meta" and hooks only the leaf modules: the
+    blocks still run on the CPU, and locate/knockout/attach give the plain model's numbers."""
+    from pinpoint.placement import layer_devices
+
+    ref = tiny_model("llama", n_layers=4)
+    model = accelerate.cpu_offload(copy.deepcopy(ref), execution_device=torch.device("cpu"))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert [d.type for d in layer_devices(spec_for(model))] == ["cpu"] * 4
+    for method in ("path", "activation"):
+        want = locate(ref, tok, PAIRS, method=method, progress=False)
+        torch.testing.assert_close(locate(model, tok, PAIRS, method=method, progress=False).values, want.values,
+                                   rtol=1e-5, atol=1e-6)
+    want = knockout(ref, tok, PAIRS, HEADS, ablation="zero", progress=False)
+    torch.testing.assert_close(knockout(model, tok, PAIRS, HEADS, ablation="zero", progress=False).per_pair,
+                               want.per_pair, rtol=1e-5, atol=1e-6)

@@ -51,7 +51,18 @@ torch.set_num_threads(1)
 assert init_from_env(timeout_s=60)                    # torchrun's variables: RANK, WORLD_SIZE, MASTER_*
 rank = dist.get_rank()
 kw = dict(spec["kw"], heads=[tuple(h) for h in spec["kw"]["heads"]])
-model = lambda: tiny_model("llama", n_layers=3, seed=1)
+
+
+def model():
+    m = tiny_model("llama", n_layers=3, seed=1)
+    if phase == "train" and rank == 1:  # compose with device_map: rank 1's base has layer 1 offloaded to disk
+        from accelerate import dispatch_model
+        dm = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+              "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+        m = dispatch_model(m, device_map=dm, offload_dir=str(out / "offload"), main_device="cpu")
+        assert m.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    return m
+
 try:
     tok = word_tokenizer()
     if phase == "train":
@@ -101,6 +112,8 @@ def _close(a: dict, b: dict) -> None:
 
 
 def test_two_processes_equal_one_and_resume_in_one(tmp_path):
+    """Rank 1's base is dispatched with a layer offloaded to disk (data parallel composed with
+    device_map), rank 0's is plain: the result still equals one process."""
     assert _spawn(tmp_path, "train") == [0, 0], [p.read_text() for p in tmp_path.glob("error_*.txt")]
     got = torch.load(tmp_path / "result.pt", weights_only=True)
     tok = word_tokenizer()

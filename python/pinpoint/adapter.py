@@ -36,6 +36,7 @@ from .fingerprint import weights_fingerprint
 from .heads import as_head_list
 from .install import install, is_patched, uninstall
 from .models import module_device, spec_for
+from .placement import check_materialised
 from .slices import PARTS, ModulePlan, SlicePlan, normalize_parts, plan_slices
 
 __all__ = [
@@ -90,6 +91,7 @@ class PinpointAdapter(nn.Module):
     def __init__(self, model: nn.Module, heads, parts: str = "qkvo", kv: str = "whole", *, bias: bool = True):
         super().__init__()
         spec = spec_for(model)
+        check_materialised(spec)  # a weight on "meta" with nothing to load it would train garbage
         plan = plan_slices(spec, heads, parts, kv, bias=bias)
         for layer in spec.layers:  # any layer: two adapters on one model would not compose
             if any(is_patched(proj.module) for proj in (layer.q, layer.k, layer.v, layer.o)):

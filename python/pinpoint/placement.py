@@ -71,8 +71,22 @@ def check_materialised(spec: ModelSpec) -> None:
 
 
 def layer_devices(spec: ModelSpec) -> list[torch.device]:
-    """The execution device of every decoder layer, in order."""
-    return [module_device(layer.block) for layer in spec.layers]
+    """The execution device of every decoder layer, in order. A block whose own weights are on
+    "meta" without a hook of its own (``accelerate.cpu_offload`` hooks only the leaf modules)
+    runs where its submodules' hooks put it."""
+    return [_execution_device(layer.block) for layer in spec.layers]
+
+
+def _execution_device(block: nn.Module) -> torch.device:
+    dev = module_device(block)
+    if dev.type != "meta":
+        return dev
+    for sub in block.modules():
+        for hook in _hooks(sub):
+            d = getattr(hook, "execution_device", None)
+            if d is not None:
+                return torch.device(d) if not isinstance(d, int) else torch.device("cuda", d)
+    return dev
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
