@@ -199,6 +199,10 @@ def test_replica_is_cached_deterministic_and_written_atomically(tmp_path):
     (a / "model.safetensors").unlink()
     replica("smollm2", tmp_path / "a")
     assert json.loads((a / "pinpoint_replica.json").read_text()) == stamp and (a / "model.safetensors").exists()
+    assert replica("SmolLM-2", tmp_path / "a") == a  # spellings: case, '-', '_' and '.' ignored
+    from pinpoint.testing.zoo import _family
+    assert [_family(n).name for n in ("Llama-2", "mistral", "Llama3", "Qwen2.5", "GPT-2", "phi-3")] == [
+        "llama2-chat", "mistral-v0.2", "llama3.1", "qwen2.5", "gpt2", "phi3"]
     with pytest.raises(ValueError, match="unknown replica family 'llama9'; choose one of llama2-chat"):
         replica("llama9", tmp_path / "x")
     (tmp_path / "mine").mkdir()

@@ -220,12 +220,23 @@ def _families() -> dict[str, Family]:
 FAMILIES: dict[str, Family] = _families()
 
 
+# Other spellings users reach for (lower case, '-', '_' and '.' ignored) -> the family name.
+_ALIASES = {"llama2": "llama2-chat", "llama2chat": "llama2-chat", "mistral": "mistral-v0.2",
+            "mistralv01": "mistral-v0.1", "mistralv02": "mistral-v0.2", "llama3": "llama3.1", "llama31": "llama3.1",
+            "qwen2": "qwen2.5", "qwen25": "qwen2.5", "gemma2it": "gemma2", "smollm": "smollm2", "gemma3it": "gemma3"}
+
+
 def _family(family: str | Family) -> Family:
     if isinstance(family, Family):
         return family
-    if family not in FAMILIES:
+    if not isinstance(family, str):
+        raise TypeError(f"family must be a name in pinpoint.testing.FAMILIES, got {type(family).__name__}")
+    key = "".join(c for c in family.lower() if c not in "-_.")
+    name = family if family in FAMILIES else _ALIASES.get(key) or next(
+        (n for n in FAMILIES if "".join(c for c in n if c not in "-_.") == key), None)
+    if name is None:
         raise ValueError(f"unknown replica family {family!r}; choose one of {', '.join(FAMILIES)}")
-    return FAMILIES[family]
+    return FAMILIES[name]
 
 
 def _tokenizer(fam: Family):
