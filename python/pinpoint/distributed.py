@@ -56,8 +56,8 @@ def init_from_env(timeout_s: float = 600.0) -> bool:
     if not dist.is_available() or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return world_size() > 1
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if backend == "nccl":  # modulo: a rank may see only its own GPUs (CUDA_VISIBLE_DEVICES set per rank)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return world_size() > 1
 
@@ -84,8 +84,9 @@ class DataParallel:
         return dp
 
     def _device(self, here: torch.device) -> torch.device:
-        """Where collective buffers live: CUDA for nccl, the CPU for gloo."""
-        return here if self.backend == "nccl" else torch.device("cpu")
+        """Where collective buffers live: the rank's current CUDA device for nccl (slices spread
+        over several GPUs by a device_map are gathered there), the CPU for gloo."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
     def _collective(self, fn, what: str):
         try:
@@ -143,8 +144,7 @@ class DataParallel:
             offset += n
 
     def all_reduce_loss(self, loss: float) -> float:
-        t = torch.tensor([loss], dtype=torch.float64)
-        t = t.to(self._device(torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else "cpu"))
+        t = torch.tensor([loss], dtype=torch.float64, device=self._device(torch.device("cpu")))
         self._collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group), "loss all-reduce")
         self.other_bytes += t.numel() * t.element_size()
         return float(t)
