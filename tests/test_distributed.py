@@ -70,6 +70,11 @@ try:
             pp.tune(model(), tok, spec["dialogues"], **{**kw, "batch_size": 3, "checkpoint_every": None})
         except ValueError as exc:
             (out / f"bad_batch_{rank}.txt").write_text(str(exc))
+        from pinpoint.distributed import DataParallel
+        try:  # rank 1 claims another kind of device: a group on mixed devices is refused on every rank
+            DataParallel().check_devices(torch.device("cpu" if rank == 0 else "meta"))
+        except ValueError as exc:
+            (out / f"mixed_{rank}.txt").write_text(str(exc))
 
     def callback(done, loss):
         if phase == "kill" and rank == 1 and done == 2:
@@ -129,6 +134,9 @@ def test_two_processes_equal_one_and_resume_in_one(tmp_path):
     for r in (0, 1):
         assert "batch_size 3 is the global batch and must split evenly over the 2 ranks" in \
             (tmp_path / f"bad_batch_{r}.txt").read_text()
+    for r in (0, 1):
+        assert (tmp_path / f"mixed_{r}.txt").read_text().startswith(
+            "the process group mixes devices (rank 0: cpu, rank 1: meta)")
     # resume the 2-process checkpoint of step 3 in one process: the same step 4
     resume_dir = tmp_path / "resume"
     resume_dir.mkdir()
