@@ -7,7 +7,7 @@ import warnings
 
 from ..errors import UserError
 from ..outdir import OutDir
-from .common import check_k, default_k, load_heads, load_model, load_rows, load_streamed, placement, positive_int
+from .common import check_k, load_heads, load_model, load_rows, load_streamed, placement, positive_int
 
 
 def token_pair(text: str) -> tuple[int, int]:
@@ -52,6 +52,7 @@ def run_locate(args) -> int:
     from ..data import challenge_pairs
     from ..locate import locate
     from ..models import spec_for
+    from ..recipe import choose_k
 
     if args.method == "path" and args.positions == "all":
         raise UserError("--positions all needs --method activation (path patching patches the last position only)")
@@ -67,21 +68,22 @@ def run_locate(args) -> int:
         model, tok = load_model(args.model, **placement(args), dtype=args.dtype, chat_template=args.chat_template)
     spec = spec_for(model)
     check_k(args.k, spec.n_layers, spec.n_heads)
-    k = args.k or default_k(spec.n_layers, spec.n_heads)
     check_metric_tokens(args, model, tok)
     rows = load_rows(args.data, limit=args.limit)
     pairs = challenge_pairs(rows, tok)
-    print(f"locate: {len(pairs)} prompt pairs, method {args.method}, metric {args.metric}, k = {k}"
-          + ("" if args.k else " (default: about 4% of the heads)"))
+    print(f"locate: {len(pairs)} prompt pairs, method {args.method}, metric {args.metric}, "
+          + (f"k = {args.k}" if args.k else "k by the recipe rule"))
     with out.open() as stage:
         scores = locate(streamed if args.stream else model, tok, pairs, stream=args.stream, method=args.method,
                         positions=args.positions, metric=args.metric, aggregate=args.aggregate, batch_size=args.batch_size, progress=not args.quiet,
                         **_metric_kwargs(args))
         scores.save(stage / "scores")
+        k = args.k or choose_k(scores)  # default: heads scoring at least 25 % of the top (pinpoint.recipe)
         scores.plot(stage / "heatmap.png", k=k)
         top = scores.top(k)
         top.save(stage / "top_heads.json")
-    print(f"top {k} heads: {top.to_list()}")
+    print(f"top {k} heads: {top.to_list()}" + ("" if args.k else " (k by the recipe rule: heads scoring at "
+                                                                 "least 25% of the top score; --k to choose)"))
     print(f"wrote {out.path / 'scores'} (with scores.csv), {out.path / 'heatmap.png'}, {out.path / 'top_heads.json'}")
     return 0
 
@@ -126,7 +128,8 @@ def add_parsers(cmd, common) -> None:
     _metric_flags(p)
     p.add_argument("--aggregate", default="diff", choices=["diff", "relative"])
     p.add_argument("--k", type=positive_int, default=None,
-                   help="how many top heads to mark and save (default: about 4%% of the heads)")
+                   help="how many top heads to mark and save (default: the recipe rule, the heads scoring at "
+                   "least 25%% of the top score, at most max(8, 5%% of the heads))")
     p.add_argument("--stream", action="store_true", help="read the decoder layers from the safetensors files one "
                    "at a time (each at most twice per batch): for models larger than memory")
 

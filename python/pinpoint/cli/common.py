@@ -301,13 +301,25 @@ def load_heads(path: str | None, k: int | None, model):
     if not p.exists():
         raise UserError(f"--heads {path}: no such file or directory")
     try:
-        heads = HeadSet.load(p, k=k)  # a scores directory without --k: its top ~4 %
+        if k is None and p.is_dir():  # a scores directory without --k: k by the recipe rule
+            k = _recipe_k(p)
+        heads = HeadSet.load(p, k=k)
         as_head_list(heads, n_layers=spec.n_layers, n_heads=spec.n_heads, where="heads")
     except (OSError, ValueError, TypeError, KeyError) as exc:  # parsing the user's heads file
         raise UserError(f"--heads {path}: {str(exc).strip().splitlines()[0]}") from None
     if k is not None and len(heads) < k:
         raise UserError(f"--k {k}: --heads {path} lists only {len(heads)} heads")
     return heads
+
+
+def _recipe_k(scores_dir: Path) -> int:
+    """k for a saved HeadScores directory by :func:`pinpoint.recipe.choose_k`, printed."""
+    from ..heads import HeadScores
+    from ..recipe import choose_k
+
+    k = choose_k(HeadScores.load(scores_dir))
+    print(f"k = {k} (the recipe rule: heads scoring at least 25% of the top score; --k to choose)")
+    return k
 
 
 def directory_kind(path: Path) -> str:

@@ -77,13 +77,18 @@ def _run_tune(args) -> int:
     out.check()
     ckpt_dir = out.path / "checkpoints"
     had_checkpoint = _check_checkpoints(args, ckpt_dir)
+    if args.lr is None and args.resume:
+        raise UserError("--resume needs the --lr and --steps of the run it continues (the checkpoint was written "
+                        "by a run with --lr)")
     model, tok = load_model(args.model, **placement(args), dtype=args.dtype, chat_template=args.chat_template)
     heads = None if args.full else load_heads(args.heads, args.k, model)
     rows = load_rows(args.data, limit=args.limit)
     _check_not_benchmark(rows, args.allow_benchmark_rows)
     dialogues = spt_dialogues(rows, n=args.n_dialogues, seed=args.seed, allow_benchmark=args.allow_benchmark_rows)
     what = "every parameter (SFT)" if args.full else f"k = {len(heads)} heads {heads.to_list()}, parts {args.parts}"
-    print(f"tune: {what}; lr {args.lr:g}, {args.steps} steps, batch {args.batch_size} (grad-accum "
+    auto = args.lr is None  # the recipe rule picks lr (and steps, unless --steps) on 20 % of the dialogues
+    rate = "lr and steps by the recipe rule" if auto else f"lr {args.lr:g}, {args.steps or 120} steps"
+    print(f"tune: {what}; {rate}, batch {args.batch_size} (grad-accum "
           f"{args.grad_accum}), weight decay {args.weight_decay:g}, seed {args.seed}, {len(dialogues)} dialogues")
     with out.open() as stage:
         if had_checkpoint and not args.resume and is_main_process():  # --overwrite: start over
@@ -91,16 +96,20 @@ def _run_tune(args) -> int:
         args.on_interrupt = _interrupted_note(ckpt_dir)
         t0 = time.perf_counter()
         try:
-            result = tune(model, tok, dialogues, heads=heads, full=args.full, parts=args.parts, lr=args.lr,
-                          steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                          weight_decay=args.weight_decay, seed=args.seed, checkpoint_dir=ckpt_dir,
-                          resume=args.resume, progress=not args.quiet)
+            result = tune(model, tok, dialogues, heads=heads, full=args.full, parts=args.parts,
+                          lr="auto" if auto else args.lr, steps=args.steps, batch_size=args.batch_size,
+                          grad_accum=args.grad_accum, weight_decay=args.weight_decay, seed=args.seed,
+                          checkpoint_dir=None if auto else ckpt_dir, resume=args.resume, progress=not args.quiet)
         except ValueError as exc:
             if args.resume and str(exc).startswith("cannot resume"):  # tune's refusal of a foreign checkpoint
                 raise UserError(f"--resume: {exc}; rerun with the flags that made it, or --overwrite to start "
                                 "over") from None
             raise
         seconds = time.perf_counter() - t0
+        if auto:
+            r = result.recipe
+            print(f"the recipe rule chose lr {r['lr']:g}, {r['steps']} steps (validation loss on {r['n_val']} "
+                  f"held-out dialogues, trained on {r['n_train']})")
         wrote = _save_tuned(args, result, tok, stage, out.path)
         atomic_write_json(stage / "tune.json", _summary(args, heads, result, len(dialogues), seconds))
     print("wrote " + ", ".join(str(w) for w in wrote + [out.path / "tune.json"]))
@@ -127,10 +136,12 @@ def _save_tuned(args, result, tok, stage: Path, final: Path) -> list:
 
 def _summary(args, heads, result, n_dialogues: int, seconds: float) -> dict:
     history = list(getattr(result, "history", []))
+    recipe = getattr(result, "recipe", None)
     return {
         "format": "pinpoint.tune/1", "kind": "sft" if args.full else "spt",
         "heads": None if args.full else heads.to_list(), "k": None if args.full else len(heads),
-        "parts": None if args.full else args.parts, "lr": args.lr, "steps": args.steps,
+        "parts": None if args.full else args.parts, "lr": recipe["lr"] if recipe else args.lr,
+        "steps": recipe["steps"] if recipe else (args.steps or 120), "recipe": recipe,
         "batch_size": args.batch_size, "grad_accum": args.grad_accum, "weight_decay": args.weight_decay,
         "seed": args.seed, "n_dialogues": n_dialogues, "model": str(args.model), "data": str(args.data),
         "trainable_params": sum(p.numel() for p in result.parameters()),
@@ -168,8 +179,11 @@ def add_parsers(cmd, common) -> None:
     common(p, heads=True)
     p.add_argument("--full", action="store_true", help="train every parameter (the SFT baseline); writes --out/model")
     p.add_argument("--parts", default="qkvo", type=parts_letters, help="which slices to train: letters of q, k, v, o")
-    p.add_argument("--lr", type=positive_float, default=3e-5)
-    p.add_argument("--steps", type=positive_int, default=120)
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate (default: chosen by the recipe rule, the smallest rate within one "
+                   "standard error of the lowest validation loss on 20%% of the dialogues; printed)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="optimizer steps (default: 4 epochs of the training dialogues without --lr, 120 with it)")
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
     p.add_argument("--n-dialogues", type=positive_int, default=None,
