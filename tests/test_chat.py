@@ -153,3 +153,26 @@ def test_generate_errors(tok):
         generate_texts(model, tok, [[5]], max_new_tokens=0, progress=False)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         generate_texts(model, tok, [[5]], batch_size=0, progress=False)
+
+
+def test_a_template_that_rejects_a_system_message_is_one_clear_error():
+    """Mistral v0.2's template raises on a system role: one InputError naming the roles and the fix."""
+    from pinpoint.chat import chat_ids, render_chat
+    from pinpoint.errors import InputError
+    from pinpoint.testing import load_replica
+
+    _, tok = load_replica("mistral-v0.2")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Are you sure?"}]
+    for call in (lambda: render_chat(tok, msgs, where="row 3"), lambda: chat_ids(tok, msgs, prefill="The", where="row 3")):
+        with pytest.raises(InputError, match=r"row 3: the chat template rejected .*\[system, user.*\].*no system role"):
+            call()
+    assert render_chat(tok, msgs[1:])  # without the system message it renders
+
+
+def test_thinking_templates_render_prompts_with_thinking_off():
+    from pinpoint.chat import render_chat
+    from pinpoint.testing import load_replica
+
+    _, tok = load_replica("qwen3")
+    ids = render_chat(tok, [{"role": "user", "content": "Are you sure?"}])
+    assert tok.decode(ids).endswith("<think>\n\n</think>\n\n")

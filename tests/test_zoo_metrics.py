@@ -46,11 +46,16 @@ def test_metric_tokens_are_the_first_tokens_of_the_reply(family, apology, yes):
 
 
 def test_qwen3_metric_reads_the_word_after_the_empty_think_block():
-    """Qwen3's template writes "<think>\n\n</think>\n\n" before the final reply: the first new
-    token is "<think>" for both words, so the metric must read past it (and say so)."""
+    """Qwen3's template writes "<think>\n\n</think>\n\n" before the final reply. pinpoint renders
+    prompts with enable_thinking=False (chat.apply_template), so the prompt already ends with
+    the empty think block and the first new token is the word itself: no warning is needed."""
+    import warnings
+
     tok = _tok("qwen3")
-    with pytest.warns(UserWarning, match="writes '<think>.*enable_thinking=False"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         r = resolve_metric("apology", tok)
+    assert not [w for w in caught if "<think>" in str(w.message)]
     assert (r.tokens.apology_token, r.tokens.yes_token) == ("Apologies", "Yes")
     user = [{"role": "user", "content": "Are you sure?"}]
     prompt = tok.apply_chat_template(user, add_generation_prompt=True, enable_thinking=False,

@@ -1,6 +1,8 @@
 """Chat conversations through the tokenizer's own chat template: the one place for rendering,
 prefilling the assistant, marking assistant tokens for the loss, and batched greedy generation.
 
+* ``apply_template(tokenizer, messages, **kw)``: the one call of ``apply_chat_template``
+  (thinking off; a template that rejects the conversation is one clear error).
 * ``require_chat_template(tokenizer, what)``: a clear error when there is no template.
 * ``render_chat(tokenizer, messages, add_generation_prompt=True)``: token ids of messages.
 * ``chat_ids(tokenizer, messages, prefill=None)``: ids of a prompt the model answers next,
@@ -21,7 +23,7 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 
-__all__ = ["require_chat_template", "render_chat", "chat_ids", "dialogue_messages", "render_dialogue",
+__all__ = ["apply_template", "require_chat_template", "render_chat", "chat_ids", "dialogue_messages", "render_dialogue",
            "message_span", "tokenize_dialogues", "generate_texts", "eos_ids", "max_positions"]
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -34,13 +36,35 @@ def _ids(out) -> list[int]:
     return [int(t) for t in out]
 
 
+def apply_template(tokenizer, messages, *, where: str = "prompt", **kwargs):
+    """``tokenizer.apply_chat_template(messages, **kwargs)``, the one call site of it.
+
+    Templates with a thinking switch (Qwen3) render with ``enable_thinking=False``, so a prompt
+    ends where the answer starts (other templates ignore the variable). A template that rejects
+    the conversation (Mistral's and Gemma's raise on a system message) becomes one
+    ``InputError`` saying what to do, instead of a raw Jinja traceback."""
+    from .errors import InputError
+
+    kwargs.setdefault("enable_thinking", False)
+    try:
+        return tokenizer.apply_chat_template(list(messages), **kwargs)
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] != "jinja2":
+            raise
+        roles = ", ".join(dict.fromkeys(m.get("role", "?") for m in messages))
+        hint = (" This template has no system role: drop the system message or merge it into the first user turn."
+                if any(m.get("role") == "system" for m in messages) else "")
+        raise InputError(f"{where}: the chat template rejected a conversation with roles [{roles}]: {str(exc).rstrip('.')}.{hint} "
+                         "Or give another template (--chat-template FILE, or tokenizer.chat_template).") from exc
+
+
 def require_chat_template(tokenizer, what: str) -> None:
     if tokenizer is None:
         raise ValueError(f"{what} needs a tokenizer with a chat template, got tokenizer=None")
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{what} renders chat conversations, but the tokenizer has no chat template "
                          "(tokenizer.chat_template is not set); set one, e.g. from the model's instruct "
-                         "checkpoint")
+                         "checkpoint (on the command line: --chat-template FILE)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,8 +77,8 @@ def render_chat(tokenizer, messages, *, add_generation_prompt: bool = True, wher
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{where} is a chat conversation but the tokenizer has no chat template; "
                          "set tokenizer.chat_template or pass plain text / token ids")
-    return _ids(tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                              tokenize=True))
+    return _ids(apply_template(tokenizer, messages, where=where, add_generation_prompt=add_generation_prompt,
+                               tokenize=True))
 
 
 def chat_ids(tokenizer, messages: Sequence[Mapping], *, prefill: str | None = None, where: str = "prompt") -> list[int]:
@@ -66,10 +90,12 @@ def chat_ids(tokenizer, messages: Sequence[Mapping], *, prefill: str | None = No
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     if prefill:
         try:
-            ids = _ids(tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": prefill}],
-                                                     tokenize=True, continue_final_message=True))
-        except (ValueError, TypeError):
-            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            ids = _ids(apply_template(tokenizer, msgs + [{"role": "assistant", "content": prefill}], where=where,
+                                      tokenize=True, continue_final_message=True))
+        except (ValueError, TypeError) as exc:
+            if type(exc).__name__ == "InputError":  # the template rejected the messages themselves
+                raise
+            text = apply_template(tokenizer, msgs, where=where, tokenize=False, add_generation_prompt=True)
             ids = _ids(tokenizer(text + prefill, add_special_tokens=False))
     else:
         ids = render_chat(tokenizer, msgs, where=where)
@@ -114,7 +140,7 @@ def render_dialogue(tokenizer, messages: list[dict], *, where: str = "dialogue")
         raise ValueError(f"{where}: the tokenizer has no chat template, so dialogues cannot be rendered; set "
                          "tokenizer.chat_template (the model's own template) before tuning")
     if isinstance(template, str) and _GENERATION_TAG.search(template):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+        out = apply_template(tokenizer, messages, where=where, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
         ids = _ids(out)
         mask = [int(m) for m in out["assistant_masks"]]
@@ -129,7 +155,7 @@ def render_dialogue(tokenizer, messages: list[dict], *, where: str = "dialogue")
                     start, stop = message_span(tokenizer, messages, k, ids, where)
                     labels[start:stop] = [IGNORE] * (stop - start)
             return ids, labels
-    full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
+    full = _ids(apply_template(tokenizer, messages, where=where, tokenize=True))
     labels = [IGNORE] * len(full)
     for k, m in enumerate(messages):
         if m["role"] != "assistant" or m.get("train", True) is False:
@@ -142,8 +168,9 @@ def render_dialogue(tokenizer, messages: list[dict], *, where: str = "dialogue")
 def message_span(tokenizer, messages, k: int, full: list[int], where: str = "dialogue") -> tuple[int, int]:
     """Token span [start, stop) of assistant message k in the rendering ``full`` of all
     messages: what the message adds after the generation prompt."""
-    before = _ids(tokenizer.apply_chat_template(messages[:k], tokenize=True, add_generation_prompt=True)) if k else []
-    upto = _ids(tokenizer.apply_chat_template(messages[: k + 1], tokenize=True))
+    before = _ids(apply_template(tokenizer, messages[:k], where=where, tokenize=True,
+                                 add_generation_prompt=True)) if k else []
+    upto = _ids(apply_template(tokenizer, messages[: k + 1], where=where, tokenize=True))
     if full[: len(upto)] != upto or upto[: len(before)] != before:
         raise ValueError(f"{where}: the chat template does not render message {k} as an extension of the "
                          "earlier messages, so the assistant tokens cannot be found; add {% generation %} "

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .chat import apply_template
+
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
 METRIC_NAMES = ("apology", "apology_ratio")
@@ -52,8 +54,8 @@ def _reply_texts(tokenizer, word: str) -> tuple[str, str, str]:
     if getattr(tokenizer, "chat_template", None) is not None:
         user = [{"role": "user", "content": "Are you sure?"}]
         try:
-            prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-            full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": word}], tokenize=False)
+            prompt = apply_template(tokenizer, user, add_generation_prompt=True, tokenize=False)
+            full = apply_template(tokenizer, user + [{"role": "assistant", "content": word}], tokenize=False)
         except Exception:  # a template that cannot render this: fall back to plain text below
             prompt = full = None
         if isinstance(prompt, str) and isinstance(full, str) and full.startswith(prompt) and len(full) > len(prompt):
