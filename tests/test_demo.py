@@ -120,3 +120,55 @@ def test_report_table_lists_runs_in_order():
     assert lines[2].startswith("| Original |") and lines[3].startswith("| SFT (all parameters) |")
     assert "0.2500" in lines[3] and "1,234,567" in lines[3]
     assert len(lines) == 4
+
+
+@shipped
+def test_demo_records_what_the_rule_chose(demo):
+    """Each tuned method's learning rate and steps come from recipe.choose_lr (recorded), k from
+    recipe.choose_k; recall is still reported at k = number planted."""
+    from pinpoint.recipe import LR_GRID
+
+    _, report = demo
+    loc = report["locate"]
+    assert loc["k"] == len(loc["tuned_heads"]) >= 1 and loc["k_rule"] == "recipe.choose_k"
+    assert loc[f"recall_at_{len(organism.PLANTED_HEADS)}"] == loc["planted_recall"]
+    assert set(report["recipe"]) == {"spt", "sft", "random_heads"}
+    for name, r in report["recipe"].items():
+        assert r["lr"] in LR_GRID and f"{r['lr']:g}" in r["val_loss"], (name, r)
+        assert r["n_train"] + r["n_val"] == report["config"]["n_dialogues"] and "one standard error" in r["rule"]
+        assert report["runs"][name]["recipe"] == r
+    assert report["recipe"]["spt"]["lr"] > 0 and loc["tuned_heads"][:len(loc["top_heads"])] == loc["top_heads"]
+
+
+def test_demo_tunes_by_the_rule_on_training_dialogues_only(monkeypatch, tmp_path):
+    """The rule (recipe.choose_lr) is given the training dialogues and nothing of the evaluation
+    rows; every tuned run is the rule's chosen run, and the original is not tuned."""
+    import importlib
+
+    import pinpoint.demo as demo
+    from pinpoint.data import neutral_texts, sample_choices, sample_rows, spt_dialogues
+    from pinpoint.testing import tiny_model, word_tokenizer
+
+    recipe = importlib.import_module("pinpoint.recipe")
+    rows = list(sample_rows())
+    eval_rows, train_rows = rows[:3], rows[3:]
+    dialogues = spt_dialogues(train_rows, n=8, seed=0)
+    calls, real = [], recipe.choose_lr
+
+    def spy(model, tok, given, **kw):
+        text = json.dumps(given)
+        assert not any(r.question in text for r in eval_rows), "the rule saw an evaluation question"
+        choice = real(model, tok, given, **kw)
+        calls.append((given, kw, choice))
+        return choice
+
+    monkeypatch.setattr(recipe, "choose_lr", spy)
+    cfg = demo.DemoConfig(batch_size=4, lr_grid=(1e-3, 1e-2), max_new_tokens=(3, 3, 3))
+    plans = [("original", None), ("spt", dict(heads=[(0, 1)])), ("sft", dict(full=True))]
+    runs = demo._tune_and_evaluate(tmp_path, plans, tiny_model("llama"), word_tokenizer(), dialogues, eval_rows,
+                                   sample_choices()[:3], neutral_texts()[:2], cfg, progress=False, say=lambda *a: None)
+    assert [kw.get("full", False) for _, kw, _ in calls] == [False, True]
+    assert all(given is dialogues and kw["reuse"] and kw["grid"] == (1e-3, 1e-2) for given, kw, _ in calls)
+    assert "recipe" not in runs["original"] and runs["original"]["trainable_params"] == 0
+    for (_, _, choice), name in zip(calls, ("spt", "sft")):
+        assert runs[name]["recipe"] == choice.to_dict() and choice.result.state == "merged"

@@ -2,8 +2,11 @@
 
 1. Locate the heads carrying sycophancy with path patching (heatmap, recall of the planted
    heads at k = number planted) and draw the knockout curve.
-2. Tune four ways on the same dialogues: SPT on the located heads, SFT (all parameters),
-   SPT on random heads, and nothing (the original model).
+2. Tune four ways on the same dialogues: SPT on the located heads (k chosen by
+   :func:`pinpoint.recipe.choose_k`), SFT (all parameters), SPT on as many random heads, and
+   nothing (the original model). Each method's learning rate and steps are chosen by the same
+   rule, :func:`pinpoint.recipe.choose_lr` (one standard error on a held-out 20 % of the
+   training dialogues; never the evaluation rows); report.json records each choice.
 3. Evaluate each with the "are you sure" protocol on held-out questions, plus general-skill
    accuracy and the next-token KL against the original.
 4. Write report.md (a table like the paper's Table 1) and report.json, and print the table.
@@ -23,11 +26,9 @@ from .files import publish_dir, staging_dir
 class DemoConfig:
     n_locate: int = 48          # held-out questions used to locate heads
     n_eval: int = 120           # other held-out questions for the protocol
-    n_dialogues: int = 256      # tuning dialogues (half insist, half revise)
-    steps: int = 60
+    n_dialogues: int = 256      # tuning dialogues (half insist, half revise); 20 % validate the rule
     batch_size: int = 16
-    lr_spt: float = 1e-3        # only a few heads move: they take a 10x larger step than SFT
-    lr_sft: float = 1e-4
+    lr_grid: tuple[float, ...] | None = None   # the rule's grid for every method (None: recipe.LR_GRID)
     n_neutral: int = 64
     knockout_k: int | None = None   # default: 2 x planted
     seed: int = 0
@@ -59,19 +60,48 @@ def run_demo(out="pinpoint-demo", *, progress: bool = True, config: DemoConfig |
              organism_path=None, cache_dir=None) -> int:
     """Run the demo and write its files under ``out``; returns 0. ``organism_path``: an organism
     directory to use (default: ``pinpoint.organism.build(cache_dir)``, the shipped one)."""
-    from . import organism
-    from .data import as_rows
-    from .general import load_choices
-
     cfg = config or DemoConfig()
     out = Path(out)
+    check_out_path(out)
+    t_all = time.perf_counter()
+    say = print
+    path, model, tok, planted, locate_rows, eval_rows, train_rows, general, neutral = organism_inputs(
+        organism_path, cache_dir, cfg)
+    say(f"organism: {path} ({sum(p.numel() for p in model.parameters()):,} parameters, planted heads {planted})")
+
+    # Everything is written to a temporary sibling of `out` and moved into place at the end,
+    # so a failed or interrupted run leaves no partial results in `out`.
+    with staging_dir(out) as work:
+        report = _demo_steps(work, model, tok, planted, locate_rows, eval_rows, train_rows, general, neutral, cfg,
+                             progress=progress, say=say)
+        report["organism"]["path"] = str(path)
+        report["seconds_total"] = time.perf_counter() - t_all
+        (work / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        publish_dir(work, out)
+    say("")
+    say(report_table(report))
+    say(f"\nwrote {out / 'report.md'}, {out / 'report.json'}, heatmap.png, knockout.png "
+        f"({report['seconds_total']:.0f}s in all)")
+    return 0
+
+
+def check_out_path(out: Path) -> None:
+    """Refuse an ``--out`` (or a parent of it) that exists and is not a directory."""
     for parent in [out, *out.parents]:
         if parent.exists():
             if not parent.is_dir():
                 raise ValueError(f"--out {out}: {parent} exists and is not a directory")
             break
-    t_all = time.perf_counter()
-    say = print
+
+
+def organism_inputs(organism_path, cache_dir, cfg):
+    """(path, model, tokenizer, planted heads, locate rows, evaluation rows, training rows, general
+    choices, neutral texts) of an organism directory (default: the shipped one). ``cfg`` needs
+    ``n_locate``, ``n_eval`` and ``n_neutral``: the first ``n_locate`` held-out rows locate, the
+    next ``n_eval`` evaluate."""
+    from . import organism
+    from .data import as_rows
+    from .general import load_choices
 
     if organism_path is not None:
         path = Path(organism_path)
@@ -91,22 +121,7 @@ def run_demo(out="pinpoint-demo", *, progress: bool = True, config: DemoConfig |
     train_rows = as_rows(path / "spt_rows.jsonl")
     general = load_choices(path / "choices.jsonl")
     neutral = [t for t in (path / "neutral.txt").read_text().splitlines() if t.strip()][:cfg.n_neutral]
-    say(f"organism: {path} ({sum(p.numel() for p in model.parameters()):,} parameters, planted heads {planted})")
-
-    # Everything is written to a temporary sibling of `out` and moved into place at the end,
-    # so a failed or interrupted run leaves no partial results in `out`.
-    with staging_dir(out) as work:
-        report = _demo_steps(work, model, tok, planted, locate_rows, eval_rows, train_rows, general, neutral, cfg,
-                             progress=progress, say=say)
-        report["organism"]["path"] = str(path)
-        report["seconds_total"] = time.perf_counter() - t_all
-        (work / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        publish_dir(work, out)
-    say("")
-    say(report_table(report))
-    say(f"\nwrote {out / 'report.md'}, {out / 'report.json'}, heatmap.png, knockout.png "
-        f"({report['seconds_total']:.0f}s in all)")
-    return 0
+    return path, model, tok, planted, locate_rows, eval_rows, train_rows, general, neutral
 
 
 def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_rows, general, neutral, cfg, *,
@@ -115,63 +130,97 @@ def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_ro
     from .adapter import random_heads
     from .data import challenge_pairs, spt_dialogues
     from .locate import knockout, locate
-    from .tune import tune
+
+    from .recipe import choose_k
 
     # 1. locate + knockout
     t0 = time.perf_counter()
     pairs = challenge_pairs(locate_rows, tok)
     scores = locate(model, tok, pairs, method="path", metric="apology", progress=progress)
-    k = len(planted)
-    top = scores.top(k)
-    recall = len(set(top) & set(planted)) / k
+    n_planted = len(planted)
+    top = scores.top(n_planted)   # recall@(number planted): the localisation result on its own
+    recall = len(set(top) & set(planted)) / n_planted
+    k = choose_k(scores)          # how many heads the recipe tunes
+    tuned_heads = scores.top(k)
     scores.save(out / "scores")
     scores.plot(out / "heatmap.png", k=k, planted=planted,
-                title=f"Path patching, don't vs do\ntop {k} boxed, planted dotted, recall {recall:.2f}")
+                title=f"Path patching, don't vs do\ntop {k} (recipe) boxed, planted dotted, "
+                      f"recall@{n_planted} {recall:.2f}")
     t_locate = time.perf_counter() - t0
-    say(f"locate: top {k} heads {top.to_list()}, planted recall {recall:.2f} ({t_locate:.1f}s)")
-    K = min(cfg.knockout_k or 2 * k, scores.values.numel())
+    say(f"locate: top {n_planted} heads {top.to_list()}, planted recall@{n_planted} {recall:.2f}; "
+        f"recipe k = {k}: {tuned_heads.to_list()} ({t_locate:.1f}s)")
+    K = min(cfg.knockout_k or 2 * n_planted, scores.values.numel())
     curve = knockout(model, tok, pairs, scores.top(K), ablation="mean", progress=progress)
     curve.plot(out / "knockout.png", title="Knockout of the top-k located heads (mean ablation)")
 
-    # 2-3. tune four ways and evaluate each
+    # 2-3. tune four ways, each at the rate the rule chooses, and evaluate each
     dialogues = spt_dialogues(train_rows, n=cfg.n_dialogues, seed=cfg.seed)
-    common = dict(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
-    runs, reports = {}, {}
     plans = [
         ("original", None),
-        ("spt", dict(heads=top, lr=cfg.lr_spt)),
-        ("sft", dict(full=True, lr=cfg.lr_sft)),
-        ("random_heads", dict(heads=random_heads(model, k, seed=cfg.seed, exclude=list(top)), lr=cfg.lr_spt)),
+        ("spt", dict(heads=tuned_heads)),
+        ("sft", dict(full=True)),
+        ("random_heads", dict(heads=random_heads(model, k, seed=cfg.seed, exclude=list(tuned_heads)))),
     ]
-    for name, kw in plans:
-        t0 = time.perf_counter()
-        if kw is None:
-            tuned, trainable = model, 0
-        else:
-            m = _fresh(model)
-            adapter = tune(m, tok, dialogues, **common, **kw)
-            trainable = sum(p.numel() for p in adapter.parameters())
-            tuned = adapter.merge()
-        seconds = time.perf_counter() - t0
-        runs[name], reports[name] = _run(name, tuned, tok, eval_rows, general, neutral, model, cfg,
-                                         trainable=trainable, seconds=seconds, progress=progress)
-        reports[name].save(out / f"eval-{name}")
-        say(f"{name}: confidence {runs[name]['confidence']:.1f}, truthfulness {runs[name]['truthfulness']:.1f} "
-            f"({seconds:.1f}s tuning)")
-
+    runs = _tune_and_evaluate(out, plans, model, tok, dialogues, eval_rows, general, neutral, cfg,
+                              progress=progress, say=say)
     report = {
         "organism": {"path": None, "planted_heads": [list(h) for h in planted]},
-        "locate": {"method": "path", "top_heads": top.to_list(), "planted_recall": recall, "seconds": t_locate},
+        "locate": {"method": "path", "top_heads": top.to_list(), "planted_recall": recall,
+                   f"recall_at_{n_planted}": recall, "k": k, "k_rule": "recipe.choose_k",
+                   "tuned_heads": tuned_heads.to_list(), "seconds": t_locate},
         "knockout": curve.to_dict(),
         "runs": runs,
+        "recipe": {name: r["recipe"] for name, r in runs.items() if "recipe" in r},
         "config": asdict(cfg),
     }
     table = report_table(report)
     (out / "report.md").write_text(
-        f"# pinpoint demo\n\nOrganism: {len(planted)} planted heads {report['organism']['planted_heads']}; "
-        f"path patching top {k}: {top.to_list()} (recall {recall:.2f}).\n\n{table}\n\n"
+        f"# pinpoint demo\n\nOrganism: {n_planted} planted heads {report['organism']['planted_heads']}; "
+        f"path patching top {n_planted}: {top.to_list()} (recall@{n_planted} {recall:.2f}); the recipe tunes "
+        f"k = {k} heads {tuned_heads.to_list()}.\n\n{table}\n\n{recipe_lines(report)}\n\n"
         "![heatmap](heatmap.png)\n\n![knockout](knockout.png)\n")
     return report
+
+
+def _tune_and_evaluate(out: Path, plans, model, tok, dialogues, eval_rows, general, neutral, cfg, *,
+                       progress, say) -> dict:
+    """Each (name, tune kwargs or None for the original) of ``plans``: a fresh copy of ``model``
+    tuned at the rule's learning rate (recipe.choose_lr), merged and evaluated."""
+    from .recipe import LR_GRID, choose_lr
+    from .stats import format_rate
+
+    runs = {}
+    for name, kw in plans:
+        t0 = time.perf_counter()
+        choice = None
+        if kw is None:
+            tuned, trainable = model, 0
+        else:
+            choice = choose_lr(_fresh(model), tok, dialogues, grid=cfg.lr_grid or LR_GRID, batch_size=cfg.batch_size,
+                               seed=cfg.seed, progress=progress, reuse=True, **kw)
+            trainable = choice.result.num_trainable()
+            tuned = choice.result.merge()
+        seconds = time.perf_counter() - t0
+        runs[name], rep = _run(name, tuned, tok, eval_rows, general, neutral, model, cfg,
+                               trainable=trainable, seconds=seconds, progress=progress)
+        rep.save(out / f"eval-{name}")
+        chosen = ""
+        if choice is not None:
+            runs[name]["recipe"] = choice.to_dict()
+            chosen = f", rule chose lr {choice.lr:g}, {choice.steps} steps"
+        say(f"{name}: confidence {format_rate(runs[name]['confidence'])}, truthfulness "
+            f"{format_rate(runs[name]['truthfulness'])} ({seconds:.1f}s tuning{chosen})")
+    return runs
+
+
+def recipe_lines(report: dict) -> str:
+    """One line per tuned method: what the learning-rate rule chose."""
+    lines = ["Learning rate and steps chosen by the rule (smallest rate within one standard error of the "
+             "lowest validation loss on 20 % of the training dialogues):", ""]
+    for name, r in report.get("recipe", {}).items():
+        tried = ", ".join(f"{lr}: {loss:.3f}±{se:.3f}" for lr, (loss, se) in r["val_loss"].items())
+        lines.append(f"- {name}: lr {r['lr']:g}, {r['steps']} steps at batch {r['batch_size']} (validation loss {tried})")
+    return "\n".join(lines)
 
 
 def report_table(report: dict) -> str:
