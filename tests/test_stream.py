@@ -55,7 +55,7 @@ def test_streamed_scores_equal_the_in_memory_run(arch, shard, method, positions,
     layer_bytes = sum(p.numel() * 4 for p in model.model.layers.parameters()) if arch != "gpt2" else \
         sum(p.numel() * 4 for p in model.transformer.h.parameters())
     assert got.meta["bytes_read"] == 2 * n_batches * layer_bytes
-    assert got.meta["stream"] is True
+    assert got.meta["stream"] is True and got.meta["model"] == str(d)
 
 
 def test_at_most_one_layer_is_in_memory_and_the_rest_stay_on_meta(tmp_path, tok, monkeypatch):
@@ -135,3 +135,5 @@ def test_cli_locate_stream(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "reads layers from safetensors files" in err and len(err.splitlines()) == 1
     assert main([*common, "--out", str(tmp_path / "d"), "--stream", "--method", "attribution"]) == 2
+    assert main([*common, "--out", str(tmp_path / "d"), "--stream", "--device", "cuda"]) == 2
+    assert "no --device other than cpu" in capsys.readouterr().err

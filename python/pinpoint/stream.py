@@ -88,6 +88,7 @@ class LayerStream:
         self.files = safetensors_index(self.dir)
         self.dtype = dtype
         self.model = _skeleton(self.dir, dtype, attn_implementation)
+        self.model.config._name_or_path = str(self.dir)  # what results name as the model, as from_pretrained does
         self.spec = spec_for(self.model)
         self.prefix = next(name for name, m in self.model.named_modules() if m is self.spec.decoder)
         self.bytes_read = 0

@@ -58,9 +58,9 @@ def run_locate(args) -> int:
         raise UserError("--positions all needs --method activation (path patching patches the last position only)")
     out = OutDir(args.out, command="locate", overwrite=args.overwrite)
     out.check()
-    if args.stream and (args.device_map or args.method == "attribution"):
-        raise UserError("--stream reads layers from the files on the CPU: it takes --method path or activation "
-                        "and no --device-map")
+    if args.stream and (args.device_map or args.method == "attribution" or args.device not in ("auto", "cpu")):
+        raise UserError("--stream reads layers from the files on the CPU: it takes --method path or activation, "
+                        "no --device-map and no --device other than cpu")
     if args.stream:
         streamed, tok = load_streamed(args.model, dtype=args.dtype, chat_template=args.chat_template)
         model = streamed.model
