@@ -30,6 +30,7 @@ __all__ = ["head_masks", "check_finite", "base_metric", "path_scores", "path_tai
 
 
 def check_finite(logits: torch.Tensor, offset: int, side: str) -> None:
+    """Refuse NaN/inf ``logits`` [B, vocab], naming the first bad pair (``offset`` + row)."""
     bad = (~torch.isfinite(logits)).any(-1).nonzero()
     if bad.numel():
         i = offset + int(bad[0, 0])
@@ -43,6 +44,7 @@ def head_masks(H: int, D: int, device) -> torch.Tensor:
 
 
 def base_metric(spec, fn, rec, start, side="base"):
+    """The metric [B] of a recording's logits (checked finite first)."""
     check_finite(rec.logits, start, side)
     return apply_metric(fn, rec.logits, what=f"the {side} prompts")
 
@@ -114,8 +116,10 @@ def activation_tails(spec, fn, rb, rs, base, n: int, bar, *, layer, check: bool,
     layer: at layer k the started rows run decoder layer k (with the recorded keyword
     arguments of their pair) and the H·B rows patched at layer k join through its o_proj and
     MLP, ``n`` rows at a time; layer k's weights are used once, inside ``layer(k)``. Holds the
-    residual of every started row: [rows, T, E]. With ``check``, B unpatched rows ride along
-    from layer 0 and must reproduce the recorded logits."""
+    residual of every started row: [rows, T, E]. Later layers rerun every position (no KV
+    cache), so a row costs about T times a path-patching row: streaming suits path patching
+    best. With ``check``, B unpatched rows ride along from layer 0 and must reproduce the
+    recorded logits."""
     B, L, H = base.size, spec.n_layers, spec.n_heads
     x, pair = None, torch.empty(0, dtype=torch.long)                          # [rows, T, E], [rows]
     for k in range(L):
