@@ -257,3 +257,23 @@ def test_cpu_offload_hooks_only_on_leaf_modules(tok):
     want = knockout(ref, tok, PAIRS, HEADS, ablation="zero", progress=False)
     torch.testing.assert_close(knockout(model, tok, PAIRS, HEADS, ablation="zero", progress=False).per_pair,
                                want.per_pair, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_tune_with_device_map_equals_the_plain_load(model_dir, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from pinpoint import data
+    from pinpoint.cli import main
+
+    (tmp_path / "heads.json").write_text(json.dumps({"heads": [[0, 1], [1, 2], [3, 0]]}))
+    argv = ["tune", "--model", str(model_dir), "--data", str(data.SAMPLE_PATH), "--limit", "6", "--heads",
+            str(tmp_path / "heads.json"), "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "b"), "--device-map", "auto", "--max-memory", "cpu=200KB",
+                 "--offload-dir", str(tmp_path / "off")]) == 0
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter.safetensors") for d in ("a", "b"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
