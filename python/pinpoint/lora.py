@@ -14,12 +14,14 @@ a clear error naming ``pip install peft``. ``LoraTuning`` has the surface the ``
 the demo use: ``model``, ``parameters()``, ``num_trainable()``, ``state_dict()`` /
 ``load_state_dict()``, ``fingerprint()``, ``history``, ``merge()`` (the plain model with
 ``W + ΔW`` folded in) and ``detach()`` (the original model, weights and requires_grad flags as
-before).
+before). Checkpoints and ``resume=True`` work as for SPT.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .fingerprint import weights_fingerprint
 
 __all__ = ["LoraTuning", "LORA_ALPHA_PER_RANK", "lora_targets", "require_peft"]
 
@@ -64,7 +66,9 @@ class LoraTuning:
         self.state = "attached"
         self._model = model
         self._flags = [(p, p.requires_grad) for p in model.parameters()]
-        self._fingerprint: str | None = None
+        # of the base weights, before peft renames them (q_proj.weight -> q_proj.base_layer.weight)
+        # and adds the factors, so a checkpoint's fingerprint matches a freshly wrapped model's
+        self._fingerprint = weights_fingerprint(model)
         config = peft.LoraConfig(r=r, lora_alpha=self.alpha, lora_dropout=0.0, bias="none",
                                  target_modules=lora_targets(model))
         with torch.random.fork_rng(devices=[]):  # A's random init: a function of seed only
@@ -96,11 +100,7 @@ class LoraTuning:
             p.copy_(sd[n])
 
     def fingerprint(self) -> str:
-        """Fingerprint of the base weights (LoRA never writes them while attached)."""
-        if self._fingerprint is None:
-            from .fingerprint import weights_fingerprint
-
-            self._fingerprint = weights_fingerprint(self._model)
+        """Fingerprint of the base weights, taken before the LoRA layers were added."""
         return self._fingerprint
 
     def _restore_flags(self) -> None:
@@ -125,19 +125,6 @@ class LoraTuning:
         self._restore_flags()
         self.state = "detached"
         return self._model
-
-    def save(self, directory):
-        """``peft``'s own adapter files (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-        from pathlib import Path
-
-        peft = require_peft()
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        sd = peft.get_peft_model_state_dict(self._model, adapter_name="default")
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(Path(directory) / "adapter_model.safetensors"))
-        self._lora.peft_config["default"].save_pretrained(str(directory))
-        return Path(directory)
 
     def __repr__(self) -> str:
         return f"LoraTuning(r={self.r}, alpha={self.alpha:g}, trainable={self.num_trainable():,}, state={self.state!r})"
