@@ -661,18 +661,41 @@ def spec_for(model: nn.Module, *, max_seq_len: int | None = None) -> ModelSpec:
     )
 
 
+def accelerate_hooks(module: nn.Module) -> list:
+    """accelerate's hooks on ``module`` (a SequentialHook's members flattened; [] without)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", None) or [hook])
+
+
+def _hook_device(module: nn.Module) -> torch.device | None:
+    for hook in accelerate_hooks(module):
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return None
+
+
 def module_device(module: nn.Module) -> torch.device:
     """The device ``module`` computes on: accelerate's hook execution device if it has one,
-    else that of its first parameter or buffer (CPU for a module with neither)."""
-    hook = getattr(module, "_hf_hook", None)
-    dev = getattr(hook, "execution_device", None)
+    else that of its first parameter or buffer (CPU for a module with neither). A module whose
+    weights sit on "meta" without a hook of its own (``accelerate.cpu_offload`` hooks only the
+    leaf modules) runs where its submodules' hooks put it."""
+    dev = _hook_device(module)
     if dev is not None:
-        return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
+        return dev
+    for t in (*module.parameters(), *module.buffers()):
+        dev = t.device
+        break
+    else:
+        return torch.device("cpu")
+    if dev.type == "meta":
+        for sub in module.modules():
+            hooked = _hook_device(sub)
+            if hooked is not None:
+                return hooked
+    return dev
 
 
 # Deprecated names, kept for one release: the word "adapter" now means only PinpointAdapter.

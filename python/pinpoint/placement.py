@@ -19,17 +19,9 @@ import re
 import torch
 from torch import nn
 
-from .models import ModelSpec, module_device
+from .models import ModelSpec, accelerate_hooks
 
 __all__ = ["DEVICE_MAPS", "check_materialised", "device_map_kwargs", "layer_devices", "parse_max_memory"]
-
-
-def _hooks(module: nn.Module) -> list:
-    """accelerate hooks on ``module`` (a SequentialHook's members flattened)."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is None:
-        return []
-    return list(getattr(hook, "hooks", None) or [hook])
 
 
 def _loads_weights(hook) -> bool:
@@ -43,7 +35,7 @@ def _offloaded_by_ancestor(chain: list[nn.Module]) -> bool:
     """Whether a hook on ``chain[-1]`` or on an ancestor that places its submodules loads the weights."""
     own = chain[-1]
     for i, mod in enumerate(chain):
-        for hook in _hooks(mod):
+        for hook in accelerate_hooks(mod):
             if _loads_weights(hook) and (mod is own or getattr(hook, "place_submodules", False)):
                 return True
     return False
@@ -71,22 +63,8 @@ def check_materialised(spec: ModelSpec) -> None:
 
 
 def layer_devices(spec: ModelSpec) -> list[torch.device]:
-    """The execution device of every decoder layer, in order. A block whose own weights are on
-    "meta" without a hook of its own (``accelerate.cpu_offload`` hooks only the leaf modules)
-    runs where its submodules' hooks put it."""
-    return [_execution_device(layer.block) for layer in spec.layers]
-
-
-def _execution_device(block: nn.Module) -> torch.device:
-    dev = module_device(block)
-    if dev.type != "meta":
-        return dev
-    for sub in block.modules():
-        for hook in _hooks(sub):
-            d = getattr(hook, "execution_device", None)
-            if d is not None:
-                return torch.device(d) if not isinstance(d, int) else torch.device("cuda", d)
-    return dev
+    """The execution device of every decoder layer, in order (``spec.layer_device``)."""
+    return [spec.layer_device(i) for i in range(spec.n_layers)]
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
