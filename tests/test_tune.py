@@ -351,3 +351,24 @@ def test_tune_steps_auto_and_bad_auto_values():
         pp.tune(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr="fast", steps="auto", progress=False)
     with pytest.raises(ValueError, match="checkpoint"):
         pp.tune(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr="auto", checkpoint_dir="x", progress=False)
+
+
+def test_tune_lr_auto_through_the_cli_records_the_rule(tmp_path, capsys):
+    """`pinpoint tune` without --lr/--steps: the recipe rule's choice is printed and kept in tune.json."""
+    import json
+
+    from pinpoint.cli import main
+    from pinpoint.data import SAMPLE_PATH
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"heads": [[0, 1], [1, 2]]}))
+    rc = main(["tune", "--model", str(model_dir), "--heads", str(heads), "--data", str(SAMPLE_PATH), "--limit", "10",
+               "--out", str(tmp_path / "out"), "--batch-size", "4", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    summary = json.loads((tmp_path / "out" / "tune.json").read_text())
+    assert summary["recipe"]["lr"] == summary["lr"] and summary["steps"] == summary["recipe"]["steps"]
+    assert f"the recipe rule chose lr {summary['lr']:g}, {summary['steps']} steps" in out

@@ -212,6 +212,9 @@ def _put_back(model, trial, state: dict, history: list, *, seed: int):
         handle = attach(model, trial.heads, trial.parts, trial.kv, bias=trial.bias)
     handle.load_state_dict(state)
     handle.history = history
+    info = getattr(trial, "training", None)   # tune.run's record of the data-parallel layout
+    if isinstance(info, dict):
+        handle.training = info
     return handle
 
 
