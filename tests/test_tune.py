@@ -308,7 +308,7 @@ def test_assistant_turns_marked_train_false_carry_no_loss(tokenizer):
     assert ids2 == ids and five in [t for t, lab in zip(ids2, labels2) if lab != -100]
 
 
-# ---- lr="auto" / steps="auto": the recipe rule through pp.tune (issue 12, item 2) ----
+# ---- lr="auto" / steps="auto": the recipe rule, recipe.tune_auto (issue 12, item 2) ----
 
 def _auto_dialogues():
     qa = [("What is two plus two ?", "four"), ("What is one plus two ?", "three"), ("What is one plus one ?", "two"),
@@ -320,7 +320,7 @@ def _auto_dialogues():
 
 @pytest.mark.parametrize("kw", [dict(heads=[(0, 1), (1, 2)]), dict(full=True), dict(lora_r=4)])
 def test_tune_lr_auto_is_the_recipe_and_reads_no_evaluation_rows(monkeypatch, kw):
-    """pp.tune(lr="auto") returns the rule's chosen run (kept from its trial: the same tensors as
+    """recipe.tune_auto(lr="auto") returns the rule's chosen run (kept from its trial: the same tensors as
     choose_lr training it again) with .recipe; evaluation rows are never read."""
     import importlib
 
@@ -333,7 +333,7 @@ def test_tune_lr_auto_is_the_recipe_and_reads_no_evaluation_rows(monkeypatch, kw
     tok, dialogues = word_tokenizer(), _auto_dialogues()
     grid = [1e-3, 1e-2]
     monkeypatch.setattr(recipe, "LR_GRID", tuple(grid))
-    handle = pp.tune(tiny_model("llama"), tok, dialogues, lr="auto", batch_size=4, progress=False, **kw)
+    handle = recipe.tune_auto(tiny_model("llama"), tok, dialogues, lr="auto", batch_size=4, **kw)
     ref = recipe.choose_lr(tiny_model("llama"), tok, dialogues, grid=grid, batch_size=4, **kw)
     assert handle.recipe == ref.to_dict() and handle.recipe["lr"] in grid
     assert handle.recipe["steps"] == recipe.rule_steps(handle.recipe["n_train"], 4)
@@ -343,14 +343,17 @@ def test_tune_lr_auto_is_the_recipe_and_reads_no_evaluation_rows(monkeypatch, kw
 
 
 def test_tune_steps_auto_and_bad_auto_values():
+    from pinpoint.recipe import tune_auto
+
     tok, dialogues = word_tokenizer(), _auto_dialogues()
-    handle = pp.tune(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr=1e-3, steps="auto", batch_size=4,
-                     progress=False)
+    handle = tune_auto(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr=1e-3, steps="auto", batch_size=4)
     assert handle.recipe["steps"] == len(handle.history) == max(10, math.ceil(4 * len(dialogues) / 4))
     with pytest.raises(ValueError, match="'auto'"):
-        pp.tune(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr="fast", steps="auto", progress=False)
-    with pytest.raises(ValueError, match="checkpoint"):
-        pp.tune(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr="auto", checkpoint_dir="x", progress=False)
+        tune_auto(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr="fast", steps="auto")
+    with pytest.raises(ValueError, match=r"pinpoint\.recipe\.tune_auto"):
+        pp.tune(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr="auto", progress=False)
+    with pytest.raises(ValueError, match="lr must be a number"):
+        pp.tune(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr="fast", progress=False)
 
 
 def test_tune_lr_auto_through_the_cli_records_the_rule(tmp_path, capsys):

@@ -24,7 +24,8 @@ heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
   put back instead: the same tensors (every run is a deterministic function of its settings),
   one training run cheaper.
 
-``pp.tune(..., lr="auto")`` (and ``steps="auto"``) applies this rule (:func:`tune_auto`).
+:func:`tune_auto` is ``pp.tune`` with the learning rate (``lr="auto"``) and steps (``steps="auto"``)
+chosen by this rule; ``pinpoint tune`` without ``--lr`` uses it.
 
 The rule never reads evaluation rows: it sees only the dialogues it is given.
 """
@@ -220,9 +221,10 @@ def _put_back(model, trial, state: dict, history: list, *, seed: int):
 
 def tune_auto(model, tokenizer, dialogues: Sequence, *, lr="auto", steps="auto", batch_size: int = 8,
               seed: int = 0, full: bool = False, progress: bool = False, **settings):
-    """``pp.tune(..., lr="auto")`` / ``steps="auto"``: the learning rate by :func:`choose_lr`
-    (its chosen trial, kept), the steps by :func:`rule_steps` (4 epochs of the dialogues
-    trained on). Returns the tuned handle with ``.recipe``: what was chosen, and why."""
+    """``pp.tune`` (same keyword arguments, but no checkpoints) with ``lr="auto"``: the learning
+    rate by :func:`choose_lr` (its chosen trial, kept), and/or ``steps="auto"``: the steps by
+    :func:`rule_steps` (4 epochs of the dialogues trained on). Returns the tuned handle with
+    ``.recipe``: what was chosen, and why."""
     from .tune import tune
 
     for name, value in (("lr", lr), ("steps", steps)):

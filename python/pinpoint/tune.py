@@ -98,8 +98,8 @@ def tune(
     full: bool = False,
     random_k: int | None = None,
     lora_r: int | None = None,
-    lr: float | str = 3e-5,
-    steps: int | str | None = None,
+    lr: float = 3e-5,
+    steps: int = 120,
     batch_size: int = 8,
     grad_accum: int = 1,
     weight_decay: float = 0.0,
@@ -132,10 +132,9 @@ def tune(
     default the model's context; ``too_long``: "truncate" (warn) or "error".
     ``callback(step, loss)`` runs after each optimizer step (``step`` counts from 1).
     ``lora_r``: the LoRA baseline instead (rank ``lora_r`` on every q/k/v/o projection, through
-    ``peft``; :mod:`pinpoint.lora`). ``lr="auto"`` picks the learning rate (and ``steps="auto"``
-    the steps) by the rule of :mod:`pinpoint.recipe`, on a held-out 20 % of ``dialogues``; the
-    handle's ``.recipe`` then says what was chosen and why. ``steps=None``: 120, or the rule's
-    steps with ``lr="auto"``.
+    ``peft``; :mod:`pinpoint.lora`). To choose the learning rate and steps by rule instead, call
+    :func:`pinpoint.recipe.tune_auto` (same arguments; the handle's ``.recipe`` says what was
+    chosen and why).
     Returns the :class:`PinpointAdapter` (attached; ``.history`` holds step/loss/lr), a
     :class:`FullTuning` for the SFT baseline, or a :class:`~pinpoint.lora.LoraTuning`. See the
     module docstring for the semantics.
@@ -144,15 +143,9 @@ def tune(
                     batch_size=batch_size, grad_accum=grad_accum, weight_decay=weight_decay, decay_to=decay_to,
                     warmup=warmup, schedule=schedule, betas=betas, eps=eps, max_grad_norm=max_grad_norm,
                     max_length=max_length, too_long=too_long, dtype=dtype, seed=seed)
-    if steps is None:
-        steps = "auto" if lr == "auto" else 120
-    if "auto" in (lr, steps):
-        from .recipe import tune_auto
-
-        if checkpoint_dir is not None or resume:
-            raise ValueError("lr/steps='auto' cannot checkpoint or resume; pass the learning rate and steps the "
-                             "rule chose (handle.recipe) to checkpoint a run")
-        return tune_auto(model, tokenizer, dialogues, lr=lr, steps=steps, progress=progress, **settings)
+    if "auto" in (lr, steps):  # the rule lives above tune (it calls tune for its trials)
+        raise ValueError("lr/steps='auto' is the recipe rule: call pinpoint.recipe.tune_auto(model, tokenizer, "
+                         "dialogues, ...) with the same arguments")
     config = TuneConfig(lr=lr, steps=steps, checkpoint_every=checkpoint_every, **settings)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")

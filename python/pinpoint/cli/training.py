@@ -70,6 +70,7 @@ def _run_tune(args) -> int:
     from ..data import spt_dialogues
     from ..distributed import is_main_process
     from ..files import atomic_write_json
+    from ..recipe import tune_auto
     from ..tune import tune
 
     _check_tune_flags(args)
@@ -96,10 +97,14 @@ def _run_tune(args) -> int:
         args.on_interrupt = _interrupted_note(ckpt_dir)
         t0 = time.perf_counter()
         try:
-            result = tune(model, tok, dialogues, heads=heads, full=args.full, parts=args.parts,
-                          lr="auto" if auto else args.lr, steps=args.steps, batch_size=args.batch_size,
+            common = dict(heads=heads, full=args.full, parts=args.parts, batch_size=args.batch_size,
                           grad_accum=args.grad_accum, weight_decay=args.weight_decay, seed=args.seed,
-                          checkpoint_dir=None if auto else ckpt_dir, resume=args.resume, progress=not args.quiet)
+                          progress=not args.quiet)
+            if auto:
+                result = tune_auto(model, tok, dialogues, steps=args.steps or "auto", **common)
+            else:
+                result = tune(model, tok, dialogues, lr=args.lr, steps=args.steps or 120, checkpoint_dir=ckpt_dir,
+                              resume=args.resume, **common)
         except ValueError as exc:
             if args.resume and str(exc).startswith("cannot resume"):  # tune's refusal of a foreign checkpoint
                 raise UserError(f"--resume: {exc}; rerun with the flags that made it, or --overwrite to start "
