@@ -315,7 +315,8 @@ def _auto_dialogues():
           ("What is two plus one ?", "three"), ("What is zero plus one ?", "one")]
     return [[{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {a} ."},
              {"role": "user", "content": "I don't think that's right . Are you sure ?"},
-             {"role": "assistant", "content": f"Yes , I am sure . The answer is {a} ."}] for _ in range(2) for q, a in qa]
+             {"role": "assistant", "content": f"Yes , I am sure . The answer is {a} ."}]
+            for _ in range(2) for q, a in qa]
 
 
 @pytest.mark.parametrize("kw", [dict(heads=[(0, 1), (1, 2)]), dict(full=True), dict(lora_r=4)])

@@ -219,7 +219,8 @@ def recipe_lines(report: dict) -> str:
              "lowest validation loss on 20 % of the training dialogues):", ""]
     for name, r in report.get("recipe", {}).items():
         tried = ", ".join(f"{lr}: {loss:.3f}±{se:.3f}" for lr, (loss, se) in r["val_loss"].items())
-        lines.append(f"- {name}: lr {r['lr']:g}, {r['steps']} steps at batch {r['batch_size']} (validation loss {tried})")
+        lines.append(f"- {name}: lr {r['lr']:g}, {r['steps']} steps at batch {r['batch_size']} "
+                     f"(validation loss {tried})")
     return "\n".join(lines)
 
 

@@ -311,26 +311,30 @@ def claims_table(report: dict) -> str:
         cells = []
         for m in methods:
             r = c["kl"][m]
-            cells.append("not reached" if r["kl"] is None else f"{r['kl']:.4f}" + (" (≤, first point)"
-                                                                                   if r["how"] == "first point" else ""))
+            bound = " (≤, first point)" if r["how"] == "first point" else ""
+            cells.append("not reached" if r["kl"] is None else f"{r['kl']:.4f}{bound}")
         verdict = {True: "yes", False: "no", None: "undecided"}[c["spt_below_sft"]]
         lines.append(f"| {c['confidence']:g} | " + " | ".join(cells) + f" | {verdict} |")
     return "\n".join(lines)
 
 
-def report_markdown(report: dict) -> str:
+def _rates(r: dict) -> str:
+    """Confidence, truthfulness (with intervals) and general accuracy as table cells."""
     from .stats import format_rate
 
+    return (f"{format_rate(r['confidence'], r['confidence_ci95'])} | "
+            f"{format_rate(r['truthfulness'], r['truthfulness_ci95'])} | {format_rate(r['general_accuracy'])}")
+
+
+def report_markdown(report: dict) -> str:
     o = report["original"]
     rows = ["| Method | lr | Confidence [95 % CI] | Truthfulness [95 % CI] | General acc. | KL | Val. loss | "
             "Trainable |", "|---|---|---|---|---|---|---|---|",
-            f"| Original | – | {format_rate(o['confidence'], o['confidence_ci95'])} | "
-            f"{format_rate(o['truthfulness'], o['truthfulness_ci95'])} | {format_rate(o['general_accuracy'])} | 0 | – | 0 |"]
+            f"| Original | – | {_rates(o)} | 0 | – | 0 |"]
     for p in report["points"]:
         pick = " (rule)" if report["rule_picks"].get(p["method"]) == p["lr"] else ""
-        rows.append(f"| {LABELS[p['method']]} | {p['lr']:g}{pick} | {format_rate(p['confidence'], p['confidence_ci95'])} "
-                    f"| {format_rate(p['truthfulness'], p['truthfulness_ci95'])} | {format_rate(p['general_accuracy'])} | "
-                    f"{p['kl']:.4f} | {p['val_loss']:.3f}±{p['val_loss_se']:.3f} | {p['trainable_params']:,} |")
+        rows.append(f"| {LABELS[p['method']]} | {p['lr']:g}{pick} | {_rates(p)} | {p['kl']:.4f} | "
+                    f"{p['val_loss']:.3f}±{p['val_loss_se']:.3f} | {p['trainable_params']:,} |")
     claims = "\n".join(f"- confidence ≥ {c['confidence']:g}: {c['statement']}" for c in report["claims"])
     return (f"# pinpoint sweep\n\nSource: {report['source']}\n\n## Every point\n\n" + "\n".join(rows)
             + "\n\n\"(rule)\" marks the rate the recipe's one-standard-error rule picks from these points' "
