@@ -77,7 +77,7 @@ def test_one_standard_error_rule_takes_the_smallest_indistinguishable_rate():
 
 
 def test_bad_grid_is_refused_before_any_training(monkeypatch):
-    monkeypatch.setattr(tune_mod, "tune", lambda *a, **k: pytest.fail("trained before checking the grid"))
+    monkeypatch.setattr(recipe, "_train", lambda *a, **k: pytest.fail("trained before checking the grid"))
     with pytest.raises(ValueError, match="positive"):
         recipe.choose_lr(tiny_model("llama"), word_tokenizer(), DIALOGUES, grid=[1e-3, 0.0])
     with pytest.raises(ValueError, match="positive"):
@@ -95,14 +95,14 @@ def test_choose_lr_trains_on_the_split_validates_on_the_rest_and_restores_betwee
         monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail("the recipe read evaluation rows"))
     model, tok = tiny_model("llama"), word_tokenizer()
     start = [p.detach().clone() for p in model.parameters()]
-    seen, real_tune = [], tune_mod.tune
+    seen, real_train = [], recipe._train
 
     def spy(m, t, dialogues, **kw):
         same = all(torch.equal(p, s) for p, s in zip(m.parameters(), start))
         seen.append((list(map(id, dialogues)), kw["lr"], same))
-        return real_tune(m, t, dialogues, **kw)
+        return real_train(m, t, dialogues, **kw)
 
-    monkeypatch.setattr(tune_mod, "tune", spy)
+    monkeypatch.setattr(recipe, "_train", spy)
     val_seen = []
     real_val = recipe.validation_loss
     monkeypatch.setattr(recipe, "validation_loss",

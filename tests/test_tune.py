@@ -351,8 +351,9 @@ def test_tune_steps_auto_and_bad_auto_values():
     assert handle.recipe["steps"] == len(handle.history) == max(10, math.ceil(4 * len(dialogues) / 4))
     with pytest.raises(ValueError, match="'auto'"):
         tune_auto(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr="fast", steps="auto")
-    with pytest.raises(ValueError, match=r"pinpoint\.recipe\.tune_auto"):
-        pp.tune(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr="auto", progress=False)
+    with pytest.raises(ValueError, match="cannot checkpoint or resume"):
+        pp.tune(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr="auto", progress=False, resume=True,
+                checkpoint_dir="unused")
     with pytest.raises(ValueError, match="lr must be a number"):
         pp.tune(tiny_model("llama"), tok, dialogues, heads=[(0, 1)], lr="fast", progress=False)
 
@@ -376,3 +377,16 @@ def test_tune_lr_auto_through_the_cli_records_the_rule(tmp_path, capsys):
     summary = json.loads((tmp_path / "out" / "tune.json").read_text())
     assert summary["recipe"]["lr"] == summary["lr"] and summary["steps"] == summary["recipe"]["steps"]
     assert f"the recipe rule chose lr {summary['lr']:g}, {summary['steps']} steps" in out
+
+
+def test_pp_tune_lr_auto_is_the_recipe_rule():
+    """pp.tune(lr="auto") is recipe.tune_auto: same choice, same trained tensors."""
+    from pinpoint.recipe import tune_auto
+
+    tok, dialogues = word_tokenizer(), _auto_dialogues()
+    kw = dict(heads=[(0, 1), (1, 2)], batch_size=4, progress=False)
+    a = pp.tune(tiny_model("llama"), tok, dialogues, lr="auto", **kw)
+    b = tune_auto(tiny_model("llama"), tok, dialogues, lr="auto", **kw)
+    assert a.recipe == b.recipe and a.recipe["lr"] in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -89,7 +89,7 @@ def rule_steps(n_train: int, batch_size: int, *, epochs: int = EPOCHS, min_steps
 def validation_loss(model, tokenizer, dialogues: Sequence, *, max_length: int | None = None) -> tuple[float, float]:
     """(mean, standard error) over ``dialogues`` of each dialogue's next-token cross-entropy
     per assistant token (fp32); one dialogue per forward, so padding cannot change it."""
-    from .tune import tokenize_dialogues
+    from .chat import tokenize_dialogues
 
     rows = tokenize_dialogues(tokenizer, list(dialogues), max_length=max_length or 1 << 30)
     device = next(model.parameters()).device
@@ -149,6 +149,15 @@ def _restore(model, saved: list[torch.Tensor]) -> None:
         p.copy_(s.to(p.device))
 
 
+def _train(model, tokenizer, dialogues, *, lr, steps, progress=False, **settings):
+    """One run at a fixed learning rate: what ``pp.tune`` does with numbers (trainer.run on a
+    TuneConfig; the rule sits below ``pinpoint.tune``, which calls it for ``lr="auto"``)."""
+    from .trainer import run
+    from .tune_config import TuneConfig
+
+    return run(model, tokenizer, dialogues, TuneConfig(lr=lr, steps=steps, **settings), progress=progress)
+
+
 def choose_lr(model, tokenizer, dialogues: Sequence, *, grid: Sequence[float] = LR_GRID,
               val_fraction: float = VAL_FRACTION, epochs: int = EPOCHS, batch_size: int = 16, seed: int = 0,
               full: bool = False, progress: bool = False, steps: int | None = None, reuse: bool = False,
@@ -159,8 +168,6 @@ def choose_lr(model, tokenizer, dialogues: Sequence, *, grid: Sequence[float] = 
     run. ``steps``: a fixed number of steps for every run instead of the rule's 4 epochs.
     ``reuse``: return the chosen trial itself (its tensors kept on the CPU) instead of
     training it again."""
-    from .tune import tune
-
     grid = [float(lr) for lr in grid]
     if not grid or any(not math.isfinite(lr) or lr <= 0 for lr in grid):
         raise ValueError(f"the learning-rate grid must hold positive numbers, got {list(grid)}")
@@ -174,7 +181,7 @@ def choose_lr(model, tokenizer, dialogues: Sequence, *, grid: Sequence[float] = 
     kept: dict[float, tuple] = {}
     rises = 0
     for lr in grid:
-        handle = tune(model, tokenizer, train, lr=lr, **common)
+        handle = _train(model, tokenizer, train, lr=lr, **common)
         loss, se = validation_loss(model, tokenizer, val)
         if reuse and sum(v.numel() * v.element_size() for v in handle.state_dict().values()) <= REUSE_MAX_BYTES:
             kept[lr] = (handle, {k: v.detach().to("cpu", copy=True) for k, v in handle.state_dict().items()},
@@ -193,7 +200,7 @@ def choose_lr(model, tokenizer, dialogues: Sequence, *, grid: Sequence[float] = 
     if best in kept:
         result = _put_back(model, *kept[best], seed=seed)
     else:
-        result = tune(model, tokenizer, train, lr=best, **common)
+        result = _train(model, tokenizer, train, lr=best, **common)
     return LrChoice(lr=best, steps=steps, batch_size=batch_size, val_loss=losses, n_train=len(train),
                     n_val=len(val), result=result)
 
@@ -225,8 +232,6 @@ def tune_auto(model, tokenizer, dialogues: Sequence, *, lr="auto", steps="auto",
     rate by :func:`choose_lr` (its chosen trial, kept), and/or ``steps="auto"``: the steps by
     :func:`rule_steps` (4 epochs of the dialogues trained on). Returns the tuned handle with
     ``.recipe``: what was chosen, and why."""
-    from .tune import tune
-
     for name, value in (("lr", lr), ("steps", steps)):
         if isinstance(value, str) and value != "auto":
             raise ValueError(f"{name} must be a number or 'auto', got {value!r}")
@@ -238,8 +243,8 @@ def tune_auto(model, tokenizer, dialogues: Sequence, *, lr="auto", steps="auto",
         return handle
     batch_size = min(batch_size, len(dialogues))
     n_steps = rule_steps(len(dialogues), batch_size)
-    handle = tune(model, tokenizer, dialogues, lr=lr, steps=n_steps, batch_size=batch_size, seed=seed, full=full,
-                  progress=progress, **settings)
+    handle = _train(model, tokenizer, dialogues, lr=lr, steps=n_steps, batch_size=batch_size, seed=seed, full=full,
+                    progress=progress, **settings)
     handle.recipe = {"lr": float(lr), "steps": n_steps, "batch_size": batch_size, "n_train": len(dialogues),
                      "rule": f"steps: {EPOCHS} epochs of the dialogues; lr given"}
     return handle

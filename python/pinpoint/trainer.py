@@ -24,15 +24,23 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
+from .adapter import PinpointAdapter, attach
 from .batching import IGNORE, collate, input_device
+from .batching import pad_id as pad_id_for
+from .chat import tokenize_dialogues
+from .distributed import DataParallel
+from .full import FullTuning
+from .lora import LoraTuning
+from .models import spec_for
 from .files import atomic_torch_save
 from .modes import train_mode
 from .progress import progress as progress_bar
 from .tune_config import TuneConfig
 
-__all__ = ["CHECKPOINT_NAME", "Trainer", "accumulate_gradients", "batch_indices", "batch_loss_sum", "loss_tokens",
+__all__ = ["CHECKPOINT_NAME", "Trainer", "run", "accumulate_gradients", "batch_indices", "batch_loss_sum", "loss_tokens",
            "lr_at"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -230,3 +238,53 @@ class Trainer:
         finally:
             bar.close()
             self.optimizer.zero_grad(set_to_none=True)
+
+
+def _data_hash(rows) -> str:
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for ids, labels in rows:
+        h.update(json.dumps([ids, labels]).encode())
+    return h.hexdigest()
+
+
+def run(model: nn.Module, tokenizer, dialogues, config: TuneConfig, *, checkpoint_dir=None, resume: bool = False,
+        progress: bool = True, callback: Callable[[int, float], None] | None = None):
+    """:func:`pinpoint.tune` with its hyper-parameters as a :class:`TuneConfig`: builds the
+    handle (adapter, full fine-tuning or LoRA), trains it with a :class:`Trainer` (data-parallel
+    under torchrun), and on any failure leaves the model as it was given."""
+    config = config.resolve(model, tokenizer)
+    rows = tokenize_dialogues(tokenizer, dialogues, max_length=config.max_length, too_long=config.too_long)
+    model_dtype = spec_for(model).dtype
+    compute = model_dtype if config.dtype is None else config.dtype
+    signature = config.signature(data=_data_hash(rows), model_class=type(model).__name__, compute_dtype=compute)
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if ckpt is not None and ckpt.exists() and not resume:
+        raise FileExistsError(f"{ckpt} exists; pass resume=True to continue that run, or use another "
+                              "checkpoint_dir")
+    if config.full:
+        handle: PinpointAdapter | FullTuning | LoraTuning = FullTuning(model)
+    elif config.lora_r is not None:
+        handle = LoraTuning(model, config.lora_r, seed=config.seed)
+    else:
+        handle = attach(model, config.heads, config.parts, config.kv, bias=config.bias)
+    try:
+        dp = DataParallel.current(list(handle.parameters()))  # torchrun / an initialised process group
+        trainer = Trainer(handle, rows, config, signature=signature, pad_id=pad_id_for(tokenizer),
+                          autocast_dtype=compute if compute != model_dtype else None, checkpoint=ckpt, dp=dp)
+        start = trainer.resume() if resume else 0
+        if start < config.steps:
+            trainer.fit(start, progress=progress, callback=callback)
+        handle.training = dp.info(config.batch_size) if dp is not None else \
+            {"world_size": 1, "per_rank_batch": config.batch_size}
+    except BaseException:
+        # Leave the caller's model as it was given: unpatched, original requires_grad flags.
+        if isinstance(handle, (PinpointAdapter, LoraTuning)):
+            if handle.state == "attached":
+                handle.detach()
+        else:
+            handle.merge()
+        raise
+    return handle

@@ -56,34 +56,20 @@ The pieces: :class:`~pinpoint.tune_config.TuneConfig` (the hyper-parameters, val
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .adapter import PinpointAdapter, attach
-from .batching import pad_id as pad_id_for
+from .adapter import PinpointAdapter
 from .chat import render_dialogue, tokenize_dialogues
-from .distributed import DataParallel
 from .full import FullTuning
 from .lora import LoraTuning
-from .models import spec_for
-from .trainer import CHECKPOINT_NAME, Trainer, accumulate_gradients, batch_indices, batch_loss_sum, lr_at
+from .trainer import CHECKPOINT_NAME, Trainer, accumulate_gradients, batch_indices, batch_loss_sum, lr_at, run
 from .tune_config import TuneConfig
 
 __all__ = ["CHECKPOINT_NAME", "FullTuning", "TuneConfig", "Trainer", "accumulate_gradients", "batch_indices",
-           "batch_loss_sum", "lr_at", "render_dialogue", "tokenize_dialogues", "tune"]
-
-
-def _data_hash(rows) -> str:
-    import hashlib
-    import json
-
-    h = hashlib.sha256()
-    for ids, labels in rows:
-        h.update(json.dumps([ids, labels]).encode())
-    return h.hexdigest()
+           "batch_loss_sum", "lr_at", "render_dialogue", "run", "tokenize_dialogues", "tune"]
 
 
 def tune(
@@ -99,7 +85,7 @@ def tune(
     random_k: int | None = None,
     lora_r: int | None = None,
     lr: float = 3e-5,
-    steps: int = 120,
+    steps: int | str | None = None,
     batch_size: int = 8,
     grad_accum: int = 1,
     weight_decay: float = 0.0,
@@ -132,9 +118,10 @@ def tune(
     default the model's context; ``too_long``: "truncate" (warn) or "error".
     ``callback(step, loss)`` runs after each optimizer step (``step`` counts from 1).
     ``lora_r``: the LoRA baseline instead (rank ``lora_r`` on every q/k/v/o projection, through
-    ``peft``; :mod:`pinpoint.lora`). To choose the learning rate and steps by rule instead, call
-    :func:`pinpoint.recipe.tune_auto` (same arguments; the handle's ``.recipe`` says what was
-    chosen and why).
+    ``peft``; :mod:`pinpoint.lora`). ``lr="auto"`` (and ``steps="auto"``) choose the learning
+    rate and steps by the rule of :mod:`pinpoint.recipe` (:func:`pinpoint.recipe.tune_auto`), on
+    a held-out 20 % of ``dialogues``; the handle's ``.recipe`` says what was chosen and why.
+    ``steps=None`` (the default): 120, or the rule's steps with ``lr="auto"``.
     Returns the :class:`PinpointAdapter` (attached; ``.history`` holds step/loss/lr), a
     :class:`FullTuning` for the SFT baseline, or a :class:`~pinpoint.lora.LoraTuning`. See the
     module docstring for the semantics.
@@ -143,49 +130,17 @@ def tune(
                     batch_size=batch_size, grad_accum=grad_accum, weight_decay=weight_decay, decay_to=decay_to,
                     warmup=warmup, schedule=schedule, betas=betas, eps=eps, max_grad_norm=max_grad_norm,
                     max_length=max_length, too_long=too_long, dtype=dtype, seed=seed)
-    if "auto" in (lr, steps):  # the rule lives above tune (it calls tune for its trials)
-        raise ValueError("lr/steps='auto' is the recipe rule: call pinpoint.recipe.tune_auto(model, tokenizer, "
-                         "dialogues, ...) with the same arguments")
+    if steps is None:  # the paper's 120, or the rule's 4 epochs when the rule picks the rate
+        steps = "auto" if lr == "auto" else 120
+    if "auto" in (lr, steps):
+        from .recipe import tune_auto  # recipe trains its trials with trainer.run, not with tune: no cycle
+
+        if checkpoint_dir is not None or resume:
+            raise ValueError("lr/steps='auto' cannot checkpoint or resume; pass the learning rate and steps the "
+                             "rule chose (handle.recipe) to checkpoint a run")
+        return tune_auto(model, tokenizer, dialogues, lr=lr, steps=steps, progress=progress, **settings)
     config = TuneConfig(lr=lr, steps=steps, checkpoint_every=checkpoint_every, **settings)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
     return run(model, tokenizer, dialogues, config, checkpoint_dir=checkpoint_dir, resume=resume,
                progress=progress, callback=callback)
-
-
-def run(model: nn.Module, tokenizer, dialogues, config: TuneConfig, *, checkpoint_dir=None, resume: bool = False,
-        progress: bool = True, callback: Callable[[int, float], None] | None = None):
-    """:func:`tune` with its hyper-parameters as a :class:`TuneConfig`."""
-    config = config.resolve(model, tokenizer)
-    rows = tokenize_dialogues(tokenizer, dialogues, max_length=config.max_length, too_long=config.too_long)
-    model_dtype = spec_for(model).dtype
-    compute = model_dtype if config.dtype is None else config.dtype
-    signature = config.signature(data=_data_hash(rows), model_class=type(model).__name__, compute_dtype=compute)
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if ckpt is not None and ckpt.exists() and not resume:
-        raise FileExistsError(f"{ckpt} exists; pass resume=True to continue that run, or use another "
-                              "checkpoint_dir")
-    if config.full:
-        handle: PinpointAdapter | FullTuning | LoraTuning = FullTuning(model)
-    elif config.lora_r is not None:
-        handle = LoraTuning(model, config.lora_r, seed=config.seed)
-    else:
-        handle = attach(model, config.heads, config.parts, config.kv, bias=config.bias)
-    try:
-        dp = DataParallel.current(list(handle.parameters()))  # torchrun / an initialised process group
-        trainer = Trainer(handle, rows, config, signature=signature, pad_id=pad_id_for(tokenizer),
-                          autocast_dtype=compute if compute != model_dtype else None, checkpoint=ckpt, dp=dp)
-        start = trainer.resume() if resume else 0
-        if start < config.steps:
-            trainer.fit(start, progress=progress, callback=callback)
-        handle.training = dp.info(config.batch_size) if dp is not None else \
-            {"world_size": 1, "per_rank_batch": config.batch_size}
-    except BaseException:
-        # Leave the caller's model as it was given: unpatched, original requires_grad flags.
-        if isinstance(handle, (PinpointAdapter, LoraTuning)):
-            if handle.state == "attached":
-                handle.detach()
-        else:
-            handle.merge()
-        raise
-    return handle
