@@ -456,13 +456,13 @@ def planted_heads(path=None) -> list[tuple[int, int]]:
     the shipped organism's)."""
     meta = info(path)
     where = (Path(path) if path is not None else SHIPPED_DIR) / INFO_NAME
-    if not isinstance(meta, dict) or meta.get("format") != "pinpoint-organism":
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{where} is not a pinpoint organism's (its format is {got!r}, not 'pinpoint-organism')")
-    heads = meta.get("planted_heads")
+    heads = meta.get("planted_heads") if isinstance(meta, dict) else None
     if not isinstance(heads, list) or not heads or not all(
             isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) for x in h) for h in heads):
         raise ValueError(f"{where}: 'planted_heads' must be a non-empty list of [layer, head] pairs, got {heads!r}")
+    if meta.get("format") != "pinpoint-organism":
+        raise ValueError(f"{where} is not a pinpoint organism's (its format is {meta.get('format')!r}, not "
+                         "'pinpoint-organism')")
     geo = meta.get("architecture") if isinstance(meta.get("architecture"), dict) else {}
     try:
         as_head_list(heads, n_layers=geo.get("num_hidden_layers"), n_heads=geo.get("num_attention_heads"),
