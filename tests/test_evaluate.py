@@ -328,3 +328,13 @@ def test_choices_report_save_writes_both_files(tmp_path):
     lines = (tmp_path / "new" / "choices_samples.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(x) for x in lines] == rep.samples and "Où?" in lines[0]
     assert set(paths) == {"results", "samples"} and not list((tmp_path / "new").glob(".*tmp"))
+
+
+def test_choices_report_table_prints_to_the_current_stdout(capsys):
+    """The default ``file`` is looked up when table() runs (not when the module was imported)."""
+    from pinpoint.general import ChoicesReport
+
+    rep = ChoicesReport({"all": {"n": 4, "accuracy": 75.0, "accuracy_norm": 50.0}}, [], {})
+    text = rep.table()
+    assert capsys.readouterr().out == text and "75.0" in text
+    assert rep.table(file=None) == text and capsys.readouterr().out == ""

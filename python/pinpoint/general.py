@@ -96,7 +96,11 @@ class ChoicesReport:
     def __getitem__(self, key):
         return self.results["all"][key]
 
-    def table(self, file=sys.stdout) -> str:
+    def table(self, file=...) -> str:
+        """Accuracy per dataset then "all"; printed to ``file`` (default: the current
+        ``sys.stdout``, looked up at call time; None: only returned)."""
+        if file is ...:
+            file = sys.stdout
         names = [k for k in self.results if k != "all"] + ["all"]
         w = max(len("dataset"), *(len(k) for k in names))
         lines = [f"{'dataset'.ljust(w)}  {'n':>5}  {'accuracy':>8}  {'acc_norm':>8}"]
