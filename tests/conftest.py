@@ -41,3 +41,22 @@ def arch(request):
 def tiny_lm(arch):
     """A fresh default tiny model of each architecture in turn."""
     return tiny_model(arch)
+
+
+@pytest.fixture(scope="module")
+def make_model_dir(tmp_path_factory):
+    """Factory: ``make_model_dir(name="tiny-llama", **tiny_model_kwargs)`` saves a tiny Llama
+    (default 2 layers, 4 heads, 2 KV heads) and the word tokenizer as an HF directory."""
+    def make(name: str = "tiny-llama", **kwargs):
+        d = tmp_path_factory.mktemp(name)
+        tiny_model("llama", **{"n_layers": 2, "n_heads": 4, "n_kv_heads": 2, **kwargs}).save_pretrained(d)
+        word_tokenizer().save_pretrained(d)
+        return d
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_model_dir):
+    """A saved tiny Llama + word tokenizer (the CLI tests' model directory)."""
+    return make_model_dir()

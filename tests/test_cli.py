@@ -10,15 +10,8 @@ import pytest
 
 from pinpoint import data
 from pinpoint.cli import main
-from pinpoint.testing import tiny_model, word_tokenizer
+from pinpoint.testing import word_tokenizer
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", n_layers=2, n_heads=4, n_kv_heads=2).save_pretrained(d)
-    word_tokenizer().save_pretrained(d)
-    return d
 
 
 def test_locate_knockout_eval_write_their_files(model_dir, tmp_path, capsys):

@@ -17,13 +17,6 @@ CHOICES = str(data.SAMPLE_PATH.with_name("choices_mini.jsonl"))
 NEUTRAL = str(data.SAMPLE_PATH.with_name("neutral_texts.txt"))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama", n_layers=2, n_heads=4, n_kv_heads=2).save_pretrained(d)
-    word_tokenizer().save_pretrained(d)
-    return d
-
 
 @pytest.fixture(scope="module")
 def heads_file(tmp_path_factory):

@@ -23,13 +23,6 @@ def module(name):
     return importlib.import_module(f"pinpoint.{name}")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", n_layers=2, n_heads=4, n_kv_heads=2).save_pretrained(d)
-    word_tokenizer().save_pretrained(d)
-    return d
-
 
 def _err_lines(capsys):
     err = capsys.readouterr().err

@@ -181,11 +181,8 @@ def test_tune_on_a_dispatched_model_equals_the_undispatched_model(tmp_path, tok)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama-dm")
-    tiny_model("llama", n_layers=4, n_heads=4, n_kv_heads=2).save_pretrained(d)
-    word_tokenizer().save_pretrained(d)
-    return d
+def model_dir(make_model_dir):
+    return make_model_dir("tiny-llama-dm", n_layers=4)
 
 
 def test_cli_device_map_and_max_memory_give_the_same_scores(model_dir, tmp_path):
