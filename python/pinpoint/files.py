@@ -112,3 +112,15 @@ def publish_dir(tmp, out) -> Path:
         os.replace(entry, dest)
     _fsync_dir(out)
     return out
+
+
+def cache_root(cache_dir=None) -> Path:
+    """Where pinpoint caches what it builds (organisms, model-family replicas): ``cache_dir``,
+    $PINPOINT_CACHE, $XDG_CACHE_HOME/pinpoint or ~/.cache/pinpoint."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("PINPOINT_CACHE"):
+        return Path(os.environ["PINPOINT_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "pinpoint"
+    return Path.home() / ".cache" / "pinpoint"

@@ -58,6 +58,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ..files import cache_root  # organisms are cached under pinpoint's cache root
 from ..heads import as_head_list
 from . import placement
 from .placement import ARCH, PlacementError
@@ -149,18 +150,6 @@ def write_data_files(path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Cache and build.
-
-
-def cache_root(cache_dir=None) -> Path:
-    """Where organisms are cached: ``cache_dir``, $PINPOINT_CACHE, $XDG_CACHE_HOME/pinpoint or
-    ~/.cache/pinpoint."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("PINPOINT_CACHE"):
-        return Path(os.environ["PINPOINT_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "pinpoint"
-    return Path.home() / ".cache" / "pinpoint"
 
 
 def _complete(path: Path) -> bool:

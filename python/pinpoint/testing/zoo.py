@@ -309,7 +309,7 @@ def _write(fam: Family, out: Path, seed: int, build: str) -> None:
 
 
 def _cache_root() -> Path:
-    from ..organism import cache_root
+    from ..files import cache_root
 
     return cache_root() / "replicas"
 
