@@ -565,6 +565,44 @@ def _gpt2_family(model: nn.Module, config: Any, body: nn.Module) -> dict:
     )
 
 
+def _one_scale(model: nn.Module, scales: set) -> float:
+    """The softmax scale all layers share (pinpoint supports one)."""
+    if len(scales) != 1:
+        raise _fail(model, f"attention scale differs between layers ({sorted(scales)}); only one scale is supported")
+    (attn_scale,) = scales
+    if not math.isfinite(attn_scale) or attn_scale <= 0:
+        raise _fail(model, f"attention scale {attn_scale} is not a positive number")
+    return attn_scale
+
+
+def _lengths(model: nn.Module, config: Any, pos_embed, max_seq_len) -> tuple[int, int]:
+    """(max_positions, the longest sequence allowed before any sliding window)."""
+    max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+    if pos_embed is not None:
+        max_positions = pos_embed.num_embeddings
+    if max_positions <= 0:
+        raise _fail(model, "missing config.max_position_embeddings")
+    if max_seq_len is not None and int(max_seq_len) < 1:
+        raise ValueError(f"max_seq_len must be a positive number of tokens, got {max_seq_len}")
+    return max_positions, max_positions if max_seq_len is None else min(int(max_seq_len), max_positions)
+
+
+def _narrowest_window(model: nn.Module, windows) -> tuple[int | None, int | None]:
+    """(window, layer) of the narrowest sliding window, or (None, None). A sliding window is
+    irrelevant to sequences that fit in it: there attention is plain causal attention.
+    pinpoint's fused kernel computes full causal attention, so longer sequences are refused
+    (ModelSpec.check_length names the window) instead of silently computed without it."""
+    window, window_layer = None, None
+    for i, w in windows:
+        if w is None:
+            continue
+        if not isinstance(w, int) or w < 1:
+            raise _fail(model, f"layer {i} has sliding window {w!r}; expected a positive number of tokens")
+        if window is None or w < window:
+            window, window_layer = int(w), i
+    return window, window_layer
+
+
 def spec_for(model: nn.Module, *, max_seq_len: int | None = None) -> ModelSpec:
     """Describe ``model`` (a stock ``transformers`` causal LM) for pinpoint.
 
@@ -614,32 +652,9 @@ def spec_for(model: nn.Module, *, max_seq_len: int | None = None) -> ModelSpec:
     if cfg_layers != n_layers:
         raise _fail(model, f"config.num_hidden_layers={cfg_layers} but the model has {n_layers} decoder layers")
 
-    scales = parts.pop("scales")
-    if len(scales) != 1:
-        raise _fail(model, f"attention scale differs between layers ({sorted(scales)}); only one scale is supported")
-    (attn_scale,) = scales
-    if not math.isfinite(attn_scale) or attn_scale <= 0:
-        raise _fail(model, f"attention scale {attn_scale} is not a positive number")
-
-    max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
-    if parts["pos_embed"] is not None:
-        max_positions = parts["pos_embed"].num_embeddings
-    if max_positions <= 0:
-        raise _fail(model, "missing config.max_position_embeddings")
-    if max_seq_len is not None and int(max_seq_len) < 1:
-        raise ValueError(f"max_seq_len must be a positive number of tokens, got {max_seq_len}")
-    limit = max_positions if max_seq_len is None else min(int(max_seq_len), max_positions)
-    # A sliding window is irrelevant to sequences that fit in it: there attention is plain causal
-    # attention. pinpoint's fused kernel computes full causal attention, so longer sequences are
-    # refused (ModelSpec.check_length names the window) instead of silently computed without it.
-    window, window_layer = None, None
-    for i, w in parts.pop("windows"):
-        if w is None:
-            continue
-        if not isinstance(w, int) or w < 1:
-            raise _fail(model, f"layer {i} has sliding window {w!r}; expected a positive number of tokens")
-        if window is None or w < window:
-            window, window_layer = int(w), i
+    attn_scale = _one_scale(model, parts.pop("scales"))
+    max_positions, limit = _lengths(model, config, parts["pos_embed"], max_seq_len)
+    window, window_layer = _narrowest_window(model, parts.pop("windows"))
 
     q0 = parts["layers"][0].q
     return ModelSpec(
