@@ -265,7 +265,8 @@ def test_save_load_merge_reproduces_logits_and_refuses_other_models(tmp_path):
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
     ids = _ids(5)
     adapter.save(tmp_path / "a")
-    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    cfg = json.loads((tmp_path / "a" / "pinpoint_adapter.json").read_text())
+    assert not (tmp_path / "a" / "adapter_config.json").exists()   # PEFT's file name stays free
     assert cfg["heads"] == [list(h) for h in HEADS] and cfg["parts"] == "qkvo"
     assert cfg["model_config"]["model_type"] == "gpt2" and cfg["base_fingerprint"].startswith("sha256:")
     want = adapter.merge()(ids).logits
@@ -437,13 +438,13 @@ def test_adapters_saved_with_the_full_hash_fingerprint_still_load(tmp_path):
     model = tiny_model("llama", n_layers=3)
     adapter = attach(model, HEADS)
     adapter.save(tmp_path)
-    for name in ("pinpoint_adapter.json", "adapter_config.json"):
-        cfg = json.loads((tmp_path / name).read_text())
-        cfg["base_fingerprint"] = legacy_fingerprint(model)
-        (tmp_path / name).write_text(json.dumps(cfg))
+    cfg = json.loads((tmp_path / "pinpoint_adapter.json").read_text())
+    cfg["base_fingerprint"] = legacy_fingerprint(model)
+    (tmp_path / "pinpoint_adapter.json").write_text(json.dumps(cfg))
     adapter.detach()
     PinpointAdapter.load(tmp_path, tiny_model("llama", n_layers=3)).detach()
-    (tmp_path / "pinpoint_adapter.json").unlink()  # an old directory: only the old config name
+    # an old directory: only the old config name, which was PEFT's
+    (tmp_path / "pinpoint_adapter.json").rename(tmp_path / "adapter_config.json")
     PinpointAdapter.load(tmp_path, tiny_model("llama", n_layers=3)).detach()
     with pytest.raises(AdapterMismatchError, match="base weights .* differ"):
         PinpointAdapter.load(tmp_path, tiny_model("llama", n_layers=3, seed=2))

@@ -87,7 +87,7 @@ def test_pinpoint_config_never_collides_with_peft(tmp_path):
     adapter = _trained("llama", dict(n_layers=3), "qkvo", "group")
     adapter.save(tmp_path)
     assert json.loads((tmp_path / "pinpoint_adapter.json").read_text())["format"] == "pinpoint-adapter"
-    adapter.save_peft(tmp_path)  # same directory: PEFT's adapter_config.json replaces the legacy copy
+    adapter.save_peft(tmp_path)  # same directory: the two configs have different names
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
     adapter.save(tmp_path)  # saving again never overwrites PEFT's file
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"

@@ -85,13 +85,6 @@ def config_dict(adapter) -> dict:
     }
 
 
-def _is_peft_config(path: Path) -> bool:
-    try:
-        return "peft_type" in json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-
-
 def save(adapter, directory) -> Path:
     """Write ``adapter.safetensors`` (fp32 slices) and ``pinpoint_adapter.json`` (heads, parts,
     kv, model config, base-weights fingerprint) into ``directory``; each file atomically."""
@@ -101,10 +94,7 @@ def save(adapter, directory) -> Path:
     cfg = json.dumps(config_dict(adapter), indent=2).encode()
     tensors = {n: p.detach().cpu().contiguous() for n, p in adapter.deltas.items()}
     atomic_write_bytes(directory / WEIGHTS_NAME, st_save(tensors, metadata={"format": ADAPTER_FORMAT}))
-    atomic_write_bytes(directory / CONFIG_NAME, cfg)
-    legacy = directory / LEGACY_CONFIG_NAME
-    if not _is_peft_config(legacy):
-        atomic_write_bytes(legacy, cfg)
+    atomic_write_bytes(directory / CONFIG_NAME, cfg)  # never PEFT's adapter_config.json (that name is read only)
     return directory
 
 
