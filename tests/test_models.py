@@ -434,4 +434,6 @@ def test_rejects_mixture_of_experts_mlps():
     cfg = tf.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
                            sliding_window=None)
-    _raises(tf.MixtralForCausalLM(cfg), "model.layers[0].mlp` (MixtralSparseMoeBlock)", "mixture-of-experts")
+    # the attribute is `mlp` in transformers 5 and `block_sparse_moe` in 4.x: the message names the one there
+    name = "mlp" if hasattr(tf.MixtralForCausalLM(cfg).model.layers[0], "mlp") else "block_sparse_moe"
+    _raises(tf.MixtralForCausalLM(cfg), f"model.layers[0].{name}` (MixtralSparseMoeBlock)", "mixture-of-experts")

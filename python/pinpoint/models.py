@@ -453,10 +453,12 @@ def _llama_family(model: nn.Module, config: Any, body: nn.Module) -> dict:
     for i, block in enumerate(decoder):
         w = f"model.layers[{i}]"
         attn = _get(model, block, "self_attn", w)
-        mlp = _get(model, block, "mlp", w)
-        if getattr(mlp, "experts", None) is not None:  # Mixtral, Qwen2/3-MoE, ERNIE-MoE ...
-            raise _fail(model, f"`{w}.mlp` ({type(mlp).__name__}) routes tokens through mixture-of-experts MLPs, "
-                               "which path patching's one-token MLP reruns do not support yet")
+        # Mixtral, Qwen2/3-MoE, ERNIE-MoE ... (transformers 4.x names Mixtral's `block_sparse_moe`)
+        mlp_name = "block_sparse_moe" if hasattr(block, "block_sparse_moe") and not hasattr(block, "mlp") else "mlp"
+        mlp = _get(model, block, mlp_name, w)
+        if getattr(mlp, "experts", None) is not None:
+            raise _fail(model, f"`{w}.{mlp_name}` ({type(mlp).__name__}) routes tokens through mixture-of-experts "
+                               "MLPs, which path patching's one-token MLP reruns do not support yet")
         in_norm = _get(model, block, "input_layernorm", w)
         post_norm = _get(model, block, "post_attention_layernorm", w)
         _check_children(model, block, {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}, w)
