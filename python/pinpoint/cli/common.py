@@ -282,11 +282,6 @@ def check_k(k: int | None, n_layers: int, n_heads: int) -> None:
         raise UserError(f"--k {k}: must be between 1 and {n} (the model has {n_layers} layers x {n_heads} heads)")
 
 
-def default_k(n_layers: int, n_heads: int) -> int:
-    """About 4 % of all heads, as the paper selects (32 of 1024 at 7B)."""
-    return max(1, round(0.04 * n_layers * n_heads))
-
-
 def load_heads(path: str | None, k: int | None, model):
     """``--heads`` (a saved HeadScores directory or a HeadSet JSON file), top ``--k`` of it,
     validated against ``model``'s geometry."""
