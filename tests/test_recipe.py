@@ -33,7 +33,13 @@ def test_choose_k_counts_heads_within_a_quarter_of_the_top():
     v[2, 2:6] = torch.tensor([1.0, 0.9, 0.8, 0.7])
     v[0, 1] = 0.26   # just above 25 % of the top: counted
     v[1, 1] = 0.24   # just below: not counted
-    assert recipe.choose_k(_scores(v)) == 5
+    v[3, 0] = -5.0   # the other direction: never counted
+    assert recipe.choose_k(_scores(v), largest=True) == 5
+    # top()'s default orientation: the most negative scores are the heads that carry the behaviour
+    assert recipe.choose_k(_scores(-v)) == 5
+    assert recipe.choose_k(_scores(v)) == 1          # only (3, 0) points that way: alone, it is 100 % of itself
+    s = _scores(-v)
+    assert set(s.top(recipe.choose_k(s))) == {(2, 2), (2, 3), (2, 4), (2, 5), (0, 1)}
 
 
 def test_choose_k_ignores_non_finite_and_negative_scores_and_is_capped():
@@ -41,13 +47,14 @@ def test_choose_k_ignores_non_finite_and_negative_scores_and_is_capped():
     v[0, 0] = float("nan")
     v[0, 1] = float("inf")
     v[1, 3] = 2.0
-    assert recipe.choose_k(_scores(v)) == 1
-    assert recipe.choose_k(_scores(torch.full((2, 4), -0.5))) == 1   # nothing pushes: still one head
+    assert recipe.choose_k(_scores(v), largest=True) == 1
+    assert recipe.choose_k(_scores(torch.full((2, 4), -0.5)), largest=True) == 1   # nothing pushes: one head
+    assert recipe.choose_k(_scores(torch.full((2, 4), 0.5))) == 1
     # 100 equal heads of 400: capped at max(8, 5 % of 400 = 20)
     v = torch.zeros(20, 20)
-    v.view(-1)[:100] = 1.0
+    v.view(-1)[:100] = -1.0
     assert recipe.choose_k(_scores(v)) == 20
-    v = torch.ones(4, 8)
+    v = -torch.ones(4, 8)
     assert recipe.choose_k(_scores(v)) == 8
 
 

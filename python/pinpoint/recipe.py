@@ -3,8 +3,10 @@
 Two choices are made here, the same way for every method (SPT on located heads, SPT on random
 heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
 
-* **How many heads** (:func:`choose_k`): the heads whose score is positive and at least
-  ``REL_TO_MAX`` (25 %) of the largest score, clipped to ``[1, max(8, 5 % of all heads)]``.
+* **How many heads** (:func:`choose_k`): the heads whose effect points the way ``top``
+  ranks (negative by default: patching in the "do" source lowers the apology logit of a head
+  that carries the behaviour) and is at least ``REL_TO_MAX`` (25 %) of the strongest one,
+  clipped to ``[1, max(8, 5 % of all heads)]``.
   The paper tunes 3-4 % of the heads (32 of 1,024 for 7B models); the 25 %-of-max cut keeps
   heads that carry a real share of the effect, and the cap keeps the selection "pinpoint"
   on large models while leaving room for redundant heads on small ones.
@@ -48,19 +50,19 @@ MIN_STEPS = 10
 REUSE_MAX_BYTES = 1 << 30   # reuse=True keeps a trial's tensors only up to this size (else: train it again)
 
 
-def choose_k(scores, *, rel: float = REL_TO_MAX, max_fraction: float = MAX_FRACTION, min_cap: int = MIN_CAP) -> int:
-    """How many of the top heads of ``scores`` (a ``HeadScores``; larger = pushes harder
-    towards the behaviour) to tune, by the rule in the module docstring. Non-finite scores
-    never count."""
+def choose_k(scores, *, largest: bool = False, rel: float = REL_TO_MAX, max_fraction: float = MAX_FRACTION,
+             min_cap: int = MIN_CAP) -> int:
+    """How many of ``scores.top(k, largest=largest)`` to tune, by the rule in the module
+    docstring: ``largest=False`` (``top``'s default) counts heads with negative scores, the
+    most negative first; ``largest=True`` positive ones. Non-finite scores never count."""
     values = scores.values.flatten().double()
     values = values[torch.isfinite(values)]
+    strength = values if largest else -values   # > 0: the head pushes the way top() ranks
     n_total = scores.values.numel()
-    cap = max(min_cap, math.ceil(max_fraction * n_total))
-    cap = min(cap, n_total)
-    if values.numel() == 0 or float(values.max()) <= 0:
+    cap = min(max(min_cap, math.ceil(max_fraction * n_total)), n_total)
+    if strength.numel() == 0 or float(strength.max()) <= 0:
         return 1
-    top = float(values.max())
-    k = int(((values > 0) & (values >= rel * top)).sum())
+    k = int(((strength > 0) & (strength >= rel * float(strength.max()))).sum())
     return max(1, min(k, cap))
 
 
