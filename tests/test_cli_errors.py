@@ -141,6 +141,23 @@ def test_an_internal_error_prints_the_traceback_and_asks_for_a_report(exc, model
     assert not (tmp_path / "o").exists()  # and nothing half-written
 
 
+def test_a_stopped_torchrun_peer_is_one_line_and_not_called_a_bug(model_dir, tmp_path, capsys, monkeypatch):
+    """Under torchrun a rank whose peer stopped (its own error printed in its own log) reports
+    that in one line, exit 1, without calling it a bug in pinpoint."""
+    from pinpoint.distributed import RankFailure
+
+    def stopped(*a, **k):
+        raise RankFailure("rank 0: the device check failed, so another of the 2 ranks has stopped")
+
+    monkeypatch.setattr(module("locate"), "locate", stopped)
+    rc = main(["locate", "--model", str(model_dir), "--data", ROWS, "--limit", "2", "--out", str(tmp_path / "o"),
+               "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err == ["pinpoint: stopped: rank 0: the device check failed, so another of the 2 ranks "
+                               "has stopped"], err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_library_input_error_is_one_line(model_dir, tmp_path, capsys, monkeypatch):
     from pinpoint.errors import InputError
 

@@ -114,6 +114,23 @@ def test_only_rank_0_writes_under_torchrun(tmp_path, monkeypatch):
     assert (out / "adapter").read_text() == "rank 0"
 
 
+def test_other_ranks_do_not_race_rank_0s_writes(tmp_path, monkeypatch):
+    """Rank 0 may be mid-way through writing its marker (an atomic write's temporary file sits
+    in --out, and no marker yet) when rank 1 starts: rank 1 must not call that a foreign
+    --out. A CI run once failed this way (`torchrun ... pinpoint tune`: rank 1 exited 2)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".{MARKER_NAME}.abc123.tmp").write_text("{")
+    OutDir(out, command="tune").check()         # the marker's temporary is pinpoint's own, on any rank
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        OutDir(out, command="tune").check()
+    monkeypatch.setenv("RANK", "1")             # only rank 0 checks: it alone writes --out
+    OutDir(out, command="tune").check()
+    with OutDir(out, command="tune").open() as stage:
+        assert not stage.is_relative_to(tmp_path)
+
+
 def test_an_unwritable_place_is_a_user_error(tmp_path, monkeypatch):
     import errno
     import pathlib

@@ -35,6 +35,11 @@ LOCK_NAME = ".pinpoint.lock"
 _OWN = (MARKER_NAME, LOCK_NAME)
 
 
+def _own(name: str) -> bool:
+    """pinpoint's marker and lock, and the marker's in-flight temporary (atomic write)."""
+    return name in _OWN or (name.startswith(f".{MARKER_NAME}.") and name.endswith(".tmp"))
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -60,11 +65,14 @@ class OutDir:
         """Names in ``--out`` other than pinpoint's own marker and lock files."""
         if not self.path.is_dir():
             return []
-        return sorted(e.name for e in self.path.iterdir() if e.name not in _OWN)
+        return sorted(e.name for e in self.path.iterdir() if not _own(e.name))
 
     def check(self) -> None:
         """Refuse a path that is (under) a file, or a non-empty directory not made by this
-        command (unless ``overwrite``). Creates nothing."""
+        command (unless ``overwrite``). Creates nothing. Under torchrun only rank 0 checks:
+        the other ranks never write ``--out``, and would race rank 0's own writes into it."""
+        if os.environ.get("RANK", "0") != "0":
+            return
         p = self.path
         for parent in [p, *p.parents]:
             if parent.exists():
@@ -89,13 +97,13 @@ class OutDir:
         ``stage=False`` yields ``--out`` itself (for a command that stages by itself)."""
         from .files import publish_dir, staging_dir
 
-        self.check()
         if os.environ.get("RANK", "0") != "0":
             # under torchrun every rank runs the command; rank 0 alone writes --out, so the other
             # ranks get a scratch directory that is removed afterwards, and take no lock
             with tempfile.TemporaryDirectory(prefix="pinpoint-rank-") as scratch:
                 yield Path(scratch)
             return
+        self.check()
         self._started = _now()
         created = not self.path.exists()
         try:
@@ -136,7 +144,7 @@ class OutDir:
             return []
         names = info.get("outputs") or []
         # only plain names directly under --out, never pinpoint's own files
-        return [n for n in names if isinstance(n, str) and n not in _OWN and n not in ("", ".", "..")
+        return [n for n in names if isinstance(n, str) and not _own(n) and n not in ("", ".", "..")
                 and Path(n).name == n]
 
     def _remove(self, names) -> None:

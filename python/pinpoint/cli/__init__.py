@@ -131,6 +131,12 @@ def _interrupted(args) -> str:
     return "nothing was saved"
 
 
+def _peer_rank_stopped(exc: BaseException) -> bool:
+    """Another torchrun rank stopped during a collective (only possible once distributed ran)."""
+    mod = sys.modules.get("pinpoint.distributed")
+    return mod is not None and isinstance(exc, mod.RankFailure)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -147,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\npinpoint: interrupted: {_interrupted(args)}", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as exc:
+        if _peer_rank_stopped(exc):  # not a bug here: the rank that stopped printed its own error
+            print(f"pinpoint: stopped: {exc}", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print("pinpoint: internal error (the traceback above): this is a bug in pinpoint, not in how it was "
               "called; please report it to the pinpoint maintainers with the traceback, the command line and "
