@@ -1,0 +1,282 @@
+"""Localisation benchmark: do the locate methods find the planted heads on organisms other than
+the shipped one, and does the whole recipe (locate -> k rule -> lr rule -> SPT) fix them?
+
+    python bench/organisms.py build [--only NAME ...]   # train the variants (~25 min each, 1 core)
+    python bench/organisms.py run   [--only NAME ...]   # the benchmark: writes bench/RESULTS.md
+
+The variants are fixed recipes (``VARIANTS``: seed, planted heads, geometry, stage-2 overrides),
+built with the public builder (``pinpoint.organism.train_model``), the same code
+``pinpoint organism build`` runs. Their weights are shipped under ``bench/organisms/<name>/``
+(about 3.8 MB each) with the sha256 of every file in ``bench/organisms/CHECKSUMS.json``, so
+running the benchmark never needs a build; ``build`` re-makes them and says whether the
+checksums still match (CPU training with one thread is deterministic for a given torch).
+
+The variants cover what the issue asks for, and nothing about them was tuned after seeing a
+result (their placements were chosen before any was built):
+
+* ``seed1-one-layer``: the shipped placement (4 heads of layer 2) with another seed;
+* ``seed3-two-layers``: heads in layers 1 and 3 (3 is the last layer);
+* ``seed4-last-layer``: every planted head in the last layer;
+* ``seed5-gqa4``: 8 query heads over 2 KV heads (GQA groups of 4), heads in layers 1 and 2;
+* ``seed6-redundant``: two heads that back each other up: stage 2 trains each of them alone
+  on half of its steps (head dropout, ``active_weights``), so either one carries the behaviour
+  by itself and knocking one out leaves the other.
+
+For each variant ``run`` measures, on the organism's own challenge pairs:
+
+* recall@k of the planted heads (k = the number planted) for ``path``, ``activation`` at the
+  last position and at all positions, and ``attribution`` with and without ``verify_top``,
+  with the wall-clock seconds of each (one torch thread);
+* the demo's targets: the original model's confidence, and SPT on the located heads with the
+  recipe rules (k by ``recipe.choose_k``, learning rate by ``recipe.choose_lr``) against SFT
+  and random heads under the same rules: confidence, truthfulness, general accuracy, KL.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT_DIR, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent / "organisms"
+CHECKSUMS = ROOT / "CHECKSUMS.json"
+
+# name -> recipe: train_model(seed, heads=, n_layers=, n_heads=, n_kv_heads=, stage2=Stage2Config(**stage2))
+VARIANTS = {
+    "seed1-one-layer": dict(seed=1, heads=[[2, 2], [2, 3], [2, 4], [2, 5]]),
+    "seed3-two-layers": dict(seed=3, heads=[[1, 1], [1, 6], [3, 0], [3, 5]]),
+    "seed4-last-layer": dict(seed=4, heads=[[3, 1], [3, 2], [3, 5], [3, 6]]),
+    "seed5-gqa4": dict(seed=5, heads=[[1, 0], [1, 5], [2, 2], [2, 7]], n_kv_heads=2),
+    "seed6-redundant": dict(seed=6, heads=[[1, 3], [2, 6]], stage2=dict(active_weights=[0.5, 0.5, 0.0, 0.0])),
+}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    return {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def build_variant(name: str, log=print) -> dict:
+    """Train one variant into bench/organisms/<name>/ (replacing it); returns its checksums."""
+    from pinpoint import organism
+    from pinpoint.organism.train import Stage2Config
+
+    r = VARIANTS[name]
+    s2 = r.get("stage2")
+    stage2 = Stage2Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in s2.items()}) if s2 else None
+    t0 = time.perf_counter()
+    trained = organism.train_model(r["seed"], heads=[tuple(h) for h in r["heads"]], n_layers=r.get("n_layers"),
+                                   n_heads=r.get("n_heads"), n_kv_heads=r.get("n_kv_heads"), stage2=stage2,
+                                   log=lambda m: log(f"[{name}] {m}"))
+    seconds = time.perf_counter() - t0
+    ROOT.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=ROOT))
+    try:
+        organism.save_organism(tmp, trained)
+        sums = checksums(tmp)
+        dest = ROOT / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"[{name}] built in {seconds:.0f} s")
+    return {"recipe": r, "build_seconds": round(seconds, 1), "files": sums}
+
+
+def _record_checksums(name: str, entry: dict) -> None:
+    import fcntl
+
+    ROOT.mkdir(parents=True, exist_ok=True)
+    with open(ROOT / ".lock", "w") as lock:  # two builders may finish at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table = json.loads(CHECKSUMS.read_text()) if CHECKSUMS.is_file() else {}
+        old = table.get(name, {}).get("files")
+        if old and old != entry["files"]:
+            print(f"[{name}] rebuilt weights differ from the recorded checksums (another torch or CPU?)")
+        table[name] = entry
+        CHECKSUMS.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+
+
+def cmd_build(args) -> int:
+    names = args.only or list(VARIANTS)
+    failed = []
+    for name in names:
+        try:
+            _record_checksums(name, build_variant(name))
+        except Exception as exc:  # noqa: BLE001 - a missed target is a result: report it, go on
+            print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+            failed.append(name)
+    return 1 if failed else 0
+
+
+LOCATE_METHODS = {  # label -> locate kwargs
+    "path": dict(method="path"),
+    "activation (last)": dict(method="activation", positions="last"),
+    "activation (all)": dict(method="activation", positions="all"),
+    "attribution": dict(method="attribution"),
+    "attribution + verify": dict(method="attribution", verify="2k"),
+}
+
+
+def organism_dirs(names) -> dict[str, Path]:
+    """name -> organism directory: the shipped organism, then the variants that are built."""
+    from pinpoint import organism
+
+    dirs = {"shipped (seed 0)": organism.build()}
+    for name in names:
+        d = ROOT / name
+        if not (d / "organism.json").is_file():
+            print(f"[{name}] not built (python bench/organisms.py build --only {name}); skipped")
+            continue
+        dirs[name] = d
+    return dirs
+
+
+def localisation(path: Path, n_locate: int) -> dict:
+    """recall@(number planted) and seconds of every locate method on the organism's first
+    ``n_locate`` held-out rows (the demo's locate rows)."""
+    import torch
+
+    import pinpoint as pp
+    from pinpoint import organism
+    from pinpoint.data import as_rows, challenge_pairs
+
+    planted = [tuple(h) for h in organism.planted_heads(path)]
+    model, tok = organism.load(path)
+    pairs = challenge_pairs(as_rows(path / "are_you_sure.jsonl")[:n_locate], tok)
+    n = len(planted)
+    out = {}
+    for label, kw in LOCATE_METHODS.items():
+        kw = dict(kw)
+        if kw.pop("verify", None):
+            kw["verify_top"] = 2 * n
+        pp.locate(model, tok, pairs[:2], progress=False, **kw)  # warm-up (first-call costs)
+        t0 = time.perf_counter()
+        scores = pp.locate(model, tok, pairs, progress=False, **kw)
+        seconds = time.perf_counter() - t0
+        top = scores.top(n).to_list()
+        out[label] = {"recall": len(set(map(tuple, top)) & set(planted)) / n, "top": top,
+                      "seconds": round(seconds, 3)}
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"planted": [list(h) for h in planted], "n_pairs": len(pairs), "methods": out}
+
+
+def whole_recipe(path: Path) -> dict:
+    """The demo (locate -> k rule -> lr rule -> SPT / SFT / random heads -> evaluate) on the
+    organism; its report.json."""
+    from pinpoint.demo import run_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "demo"
+        t0 = time.perf_counter()
+        run_demo(out, progress=False, organism_path=path)
+        report = json.loads((out / "report.json").read_text())
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def targets(loc: dict, demo: dict) -> dict[str, bool]:
+    """The issue's targets for one organism, from the measured numbers."""
+    runs = demo["runs"]
+    orig, spt, sft = runs["original"], runs["spt"], runs["sft"]
+    return {
+        "recall@k(path) >= 0.75": loc["methods"]["path"]["recall"] >= 0.75,
+        "original confidence <= 10": orig["confidence"] <= 10,
+        "SPT confidence >= 80": spt["confidence"] >= 80,
+        "SPT truthfulness >= 80": spt["truthfulness"] >= 80,
+        "SPT general within 2 points": abs(spt["general_accuracy"] - orig["general_accuracy"]) <= 2,
+        # matched confidence: only judged where both reached the same confidence band (within 5 points)
+        "SPT KL < SFT KL (rule's points)": spt["kl"] < sft["kl"],
+    }
+
+
+def tables(results: dict) -> tuple[list[dict], list[str], str]:
+    """(rows, columns) of the localisation table, and the recipe table as markdown notes."""
+    methods = list(LOCATE_METHODS)
+    rows = []
+    for name, r in results.items():
+        m = r["localisation"]["methods"]
+        row = {"organism": name, "planted": " ".join(f"{h[0]}.{h[1]}" for h in r["localisation"]["planted"])}
+        row.update({x: f"{m[x]['recall']:.2f} ({m[x]['seconds']:.2f} s)" for x in methods})
+        rows.append(row)
+    notes = ["Each cell: recall@k of the planted heads (k = the number planted) and the seconds of the locate "
+             "call (one torch thread), on the organism's 48 locate pairs. verify: the top 2k attribution "
+             "heads re-scored by activation patching.", "",
+             "The whole recipe on each organism (the demo: k by recipe.choose_k, learning rate by "
+             "recipe.choose_lr for every method): confidence / truthfulness / general accuracy / KL against "
+             "the original, and the rule's learning rate.", "",
+             "| organism | k, tuned heads | original | SPT | SFT | random heads | targets missed |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        d = r.get("demo")
+        if d is None:
+            continue
+
+        def cell(x, d=d):
+            v = d["runs"][x]
+            lr = f" (lr {d['recipe'][x]['lr']:g})" if x in d.get("recipe", {}) else ""
+            return f"{v['confidence']:.1f} / {v['truthfulness']:.1f} / {v['general_accuracy']:.1f} / {v['kl']:.3f}{lr}"
+
+        missed = [t for t, ok in r["targets"].items() if not ok]
+        heads = " ".join(f"{h[0]}.{h[1]}" for h in d["locate"]["tuned_heads"])
+        notes.append(f"| {name} | {d['locate']['k']}: {heads} | {cell('original')} | {cell('spt')} | {cell('sft')} "
+                     f"| {cell('random_heads')} | {'; '.join(missed) or 'none'} |")
+    return rows, ["organism", "planted", *methods], "\n".join(notes)
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = {}
+    for name, path in organism_dirs(args.only or list(VARIANTS)).items():
+        print(f"[{name}] locating ...", flush=True)
+        r = {"path": str(path), "localisation": localisation(path, args.n_locate)}
+        if not args.no_recipe:
+            print(f"[{name}] the whole recipe (the demo) ...", flush=True)
+            r["demo"] = whole_recipe(path)
+            r["targets"] = targets(r["localisation"], r["demo"])
+        results[name] = r
+        print(json.dumps({k: v for k, v in r.items() if k != "demo"}, indent=1), flush=True)
+    rows, columns, notes = tables(results)
+    print(write_results("organisms", "Localisation benchmark: organism variants (bench/organisms.py)", rows,
+                        columns, notes))
+    (OUT_DIR / "organisms_full.json").write_text(json.dumps({"variants": VARIANTS, "results": results}, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="train the variants into bench/organisms/")
+    b.add_argument("--only", nargs="+", choices=list(VARIANTS))
+    b.set_defaults(fn=cmd_build)
+    r = sub.add_parser("run", help="the benchmark: recall and time of each locate method, and the whole recipe")
+    r.add_argument("--only", nargs="+", choices=list(VARIANTS))
+    r.add_argument("--threads", type=int, default=1, help="torch threads (default 1: timings comparable)")
+    r.add_argument("--n-locate", type=int, default=48, help="locate pairs (default 48: the demo's)")
+    r.add_argument("--no-recipe", action="store_true", help="localisation only (skip the demo per organism)")
+    r.set_defaults(fn=cmd_run)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
