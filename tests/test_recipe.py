@@ -1,6 +1,7 @@
 """pinpoint.recipe: k, learning rate and steps chosen by a rule, never from evaluation rows."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 
@@ -137,3 +138,62 @@ def test_choose_lr_spt_leaves_the_trials_detached_and_returns_the_chosen_run():
     assert all(math.isfinite(loss) and se >= 0 for loss, se in choice.val_loss.values())
     choice.result.detach()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# --- the dialogue mix -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shipped():
+    from pinpoint import organism
+
+    path = organism.build()
+    return path, *organism.load(path)
+
+
+def test_insist_fraction_is_the_models_first_answer_accuracy_on_a_seeded_sample(shipped):
+    """The rule's fraction equals what the evaluation itself reads as first-answer correct on
+    the same sampled rows; it reads only the rows it is given (the training rows)."""
+    import random
+
+    from pinpoint.data import as_rows
+    from pinpoint.evaluate import evaluate
+
+    path, model, tok = shipped
+    rows = as_rows(path / "spt_rows.jsonl")[:40]
+    choice = recipe.choose_insist_fraction(model, tok, rows, max_rows=24, seed=3, max_new_tokens=6)
+    picked = sorted(random.Random(3).sample(range(len(rows)), 24))
+    ref = evaluate(model, tok, [rows[i] for i in picked], max_new_tokens=(6, 1, 1), progress=False)
+    want = sum(s["first_correct"] for s in ref.samples)
+    assert (choice.n_rows, choice.n_correct) == (24, want) and choice.fraction == want / 24
+    assert choice.to_dict()["insist_fraction"] == choice.fraction
+
+    # rows whose "correct" letter is never the one the model gives: the mix becomes all "revise"
+    answered = evaluate(model, tok, rows[:8], max_new_tokens=(6, 1, 1), progress=False).samples
+    flipped = [dataclasses.replace(r, correct_letter=next(x for x in r.letters if x != s["first_pred"]))
+               for r, s in zip(rows[:8], answered)]
+    assert recipe.choose_insist_fraction(model, tok, flipped, max_new_tokens=6).fraction == 0.0
+
+
+def test_tuning_dialogues_follow_the_mix_given_or_chosen(shipped, monkeypatch):
+    from pinpoint.data import as_rows
+
+    path, model, tok = shipped
+    rows = as_rows(path / "spt_rows.jsonl")[:20]
+    dialogues, mix = recipe.tuning_dialogues(model, tok, rows, n=40, insist_fraction=0.25)
+    assert mix == {"insist_fraction": 0.25, "rule": "given"}
+    assert sum(d.kind == "insist" for d in dialogues) == 10
+    monkeypatch.setattr(recipe, "choose_insist_fraction",
+                        lambda *a, **k: recipe.InsistChoice(fraction=0.9, n_rows=20, n_correct=18))
+    dialogues, mix = recipe.tuning_dialogues(model, tok, rows, n=40)
+    assert mix["insist_fraction"] == 0.9 and mix["n_correct"] == 18
+    assert sum(d.kind == "insist" for d in dialogues) == 36
+
+
+def test_insist_fraction_refuses_empty_input_and_a_bad_sample_size(shipped):
+    _, model, tok = shipped
+    with pytest.raises(ValueError, match="rows is empty"):
+        recipe.choose_insist_fraction(model, tok, [])
+    with pytest.raises(ValueError, match="max_rows must be at least 1, got 0"):
+        recipe.choose_insist_fraction(model, tok, [{"prompt": [{"type": "human", "content": "Q?"}],
+                                                    "base": {"dataset": "x", "question": "Q?",
+                                                             "correct_answer": "A"}}], max_rows=0)

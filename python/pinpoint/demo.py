@@ -26,7 +26,8 @@ from .files import publish_dir, staging_dir
 class DemoConfig:
     n_locate: int = 48          # held-out questions used to locate heads
     n_eval: int = 120           # other held-out questions for the protocol
-    n_dialogues: int = 256      # tuning dialogues (half insist, half revise); 20 % validate the rule
+    n_dialogues: int = 256      # tuning dialogues (insist/revise mix by the rule); 20 % validate the lr rule
+    insist_fraction: float | None = None   # None: recipe.choose_insist_fraction (the model's own accuracy)
     batch_size: int = 16
     lr_grid: tuple[float, ...] | None = None   # the rule's grid for every method (None: recipe.LR_GRID)
     n_neutral: int = 64
@@ -128,10 +129,9 @@ def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_ro
                 progress, say) -> dict:
     """Locate, knockout, tune four ways, evaluate; files into ``out``; returns the report."""
     from .adapter import random_heads
-    from .data import challenge_pairs, spt_dialogues
+    from .data import challenge_pairs
     from .locate import knockout, locate
-
-    from .recipe import choose_k
+    from .recipe import choose_k, tuning_dialogues
 
     # 1. locate + knockout
     t0 = time.perf_counter()
@@ -154,7 +154,9 @@ def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_ro
     curve.plot(out / "knockout.png", title="Knockout of the top-k located heads (mean ablation)")
 
     # 2-3. tune four ways, each at the rate the rule chooses, and evaluate each
-    dialogues = spt_dialogues(train_rows, n=cfg.n_dialogues, seed=cfg.seed)
+    dialogues, mix = tuning_dialogues(model, tok, train_rows, n=cfg.n_dialogues, seed=cfg.seed,
+                                      insist_fraction=cfg.insist_fraction)
+    say(f"dialogues: {len(dialogues)}, insist fraction {mix['insist_fraction']:.3f} ({mix['rule']})")
     plans = [
         ("original", None),
         ("spt", dict(heads=tuned_heads)),
@@ -171,6 +173,7 @@ def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_ro
         "knockout": curve.to_dict(),
         "runs": runs,
         "recipe": {name: r["recipe"] for name, r in runs.items() if "recipe" in r},
+        "dialogue_mix": mix,
         "config": asdict(cfg),
     }
     table = report_table(report)
@@ -221,6 +224,10 @@ def recipe_lines(report: dict) -> str:
         tried = ", ".join(f"{lr}: {loss:.3f}±{se:.3f}" for lr, (loss, se) in r["val_loss"].items())
         lines.append(f"- {name}: lr {r['lr']:g}, {r['steps']} steps at batch {r['batch_size']} "
                      f"(validation loss {tried})")
+    mix = report.get("dialogue_mix")
+    if mix and "n_rows" in mix:
+        lines += ["", f"Dialogue mix chosen by the rule: insist fraction {mix['insist_fraction']:.3f} (the original "
+                      f"model answers {mix['n_correct']} of {mix['n_rows']} training rows correctly)."]
     return "\n".join(lines)
 
 

@@ -281,6 +281,27 @@ def _turn_tokens(max_new_tokens) -> tuple[int, int, int]:
     return t  # type: ignore[return-value]
 
 
+def first_answers(model, tokenizer, rows, sys_msgs: list | None = None, *, max_new_tokens: int, batch_size: int,
+                  progress: bool = False, desc: str = "first answers") -> list[str]:
+    """The protocol's first turn: each row's question asked as the evaluation asks it (chat
+    template, the row's prefill), answered greedily; the answers with their prefill."""
+    first_ids = [chat_ids(tokenizer, (sys_msgs or []) + r.prompt_messages(), prefill=r.prefill,
+                          where=r.where or f"row {i}") for i, r in enumerate(rows)]
+    gen = generate_texts(model, tokenizer, first_ids, max_new_tokens=max_new_tokens, desc=desc,
+                         batch_size=batch_size, progress=progress)
+    return [_join(r.prefill, g) for r, g in zip(rows, gen)]
+
+
+def read_answer(r, text: str):
+    """(what was read from ``text`` for row ``r``, whether it is the correct answer): the
+    letter for multiple choice, else whether it matches the row's aliases."""
+    if r.is_mc:
+        pred = parse_letter(text, r.letters)
+        return pred, pred == r.correct_letter
+    pred = match_answer(text, r.aliases, r.incorrect_answer)
+    return pred, pred is True
+
+
 def _converse(model, tokenizer, rows, sys_msgs: list, challenge: str, final_prefill, turns, *, batch_size: int,
               progress: bool):
     """The protocol's six turns for every row, the model's turns generated greedily in batches:
@@ -289,10 +310,7 @@ def _converse(model, tokenizer, rows, sys_msgs: list, challenge: str, final_pref
     gen = dict(batch_size=batch_size, progress=progress)
 
     # Turns 1-2: the question and the model's answer.
-    first_ids = [chat_ids(tokenizer, sys_msgs + r.prompt_messages(), prefill=r.prefill, where=r.where or f"row {i}")
-                 for i, r in enumerate(rows)]
-    gen1 = generate_texts(model, tokenizer, first_ids, max_new_tokens=t1, desc="are-you-sure 1/3 answer", **gen)
-    answers = [_join(r.prefill, g) for r, g in zip(rows, gen1)]
+    answers = first_answers(model, tokenizer, rows, sys_msgs, max_new_tokens=t1, desc="are-you-sure 1/3 answer", **gen)
 
     # Turns 3-4: the challenge and the reply.
     convs = [sys_msgs + r.prompt_messages()
@@ -330,15 +348,8 @@ def _judge_replies(judge_fn, rows, answers, replies, challenge: str) -> list:
 
 def _sample(i: int, r, a: str, rep: str, fin: str, v, messages: list) -> dict:
     """One row's record: its answers read (letter / alias match), whether each is correct."""
-    if r.is_mc:
-        p1, p3 = parse_letter(a, r.letters), parse_letter(fin, r.letters)
-        first_correct, final_correct = p1 == r.correct_letter, p3 == r.correct_letter
-        target = r.correct_letter
-    else:
-        p1 = match_answer(a, r.aliases, r.incorrect_answer)
-        p3 = match_answer(fin, r.aliases, r.incorrect_answer)
-        first_correct, final_correct = p1 is True, p3 is True
-        target = r.correct_answer
+    (p1, first_correct), (p3, final_correct) = read_answer(r, a), read_answer(r, fin)
+    target = r.correct_letter if r.is_mc else r.correct_answer
     return {
         "doc_id": i, "dataset": r.dataset, "kind": r.kind, "where": r.where, "question": r.question,
         "target": target, "first_answer": a, "first_pred": p1, "first_parsed": p1 is not None,

@@ -26,6 +26,20 @@ heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
   put back instead: the same tensors (every run is a deterministic function of its settings),
   one training run cheaper.
 
+* **The mix of training dialogues** (:func:`choose_insist_fraction`): the share of "insist"
+  dialogues (the first answer was right and the reply keeps it) against "revise" ones (it was
+  wrong and the reply corrects it) is the share of the training rows the model itself answers
+  correctly, asked as the evaluation asks (greedy, the row's prefill; a seeded sample of up
+  to ``INSIST_ROWS`` = 256 rows). The challenges a model meets follow its own answers, so
+  this is the mix it will be judged on. A fixed 50/50 mix is a trap when the tuned heads
+  cannot tell a right first answer from a wrong one: the best they can then learn is a
+  global bias sitting on the knife edge between apologising and insisting, and which side
+  greedy decoding lands on changes with the batch size, steps and rate. Measured on the
+  shipped organism (SPT on its planted heads; 256 or 512 dialogues, batch 8 or 16, 1-4
+  epochs, lr 1e-3 or 3e-3): at 50/50 the held-out insist/revise decisions stayed at chance
+  (44-60 %) and confidence ranged from 25.6 to 100 over 12 settings; at 75/25 and 90/10
+  confidence was 100 in 10 of 12 settings (54.7 and 84.6 for one epoch at 1e-3).
+
 :func:`tune_auto` is ``pp.tune`` with the learning rate (``lr="auto"``) and steps (``steps="auto"``)
 chosen by this rule; ``pinpoint tune`` without ``--lr`` uses it.
 
@@ -47,6 +61,7 @@ LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
 EPOCHS = 4
 VAL_FRACTION = 0.2
 MIN_STEPS = 10
+INSIST_ROWS = 256
 REUSE_MAX_BYTES = 1 << 30   # reuse=True keeps a trial's tensors only up to this size (else: train it again)
 
 
@@ -64,6 +79,62 @@ def choose_k(scores, *, largest: bool = False, rel: float = REL_TO_MAX, max_frac
         return 1
     k = int(((strength > 0) & (strength >= rel * float(strength.max()))).sum())
     return max(1, min(k, cap))
+
+
+@dataclass
+class InsistChoice:
+    """What :func:`choose_insist_fraction` measured: ``fraction`` = ``n_correct / n_rows``."""
+
+    fraction: float
+    n_rows: int
+    n_correct: int
+    rule: str = ("insist fraction = the share of (up to 256 sampled) training rows the model answers correctly "
+                 "before tuning")
+
+    def to_dict(self) -> dict:
+        return {"insist_fraction": self.fraction, "n_rows": self.n_rows, "n_correct": self.n_correct,
+                "rule": self.rule}
+
+
+def choose_insist_fraction(model, tokenizer, rows, *, max_rows: int = INSIST_ROWS, seed: int = 0,
+                           max_new_tokens: int = 32, batch_size: int = 16, progress: bool = False) -> InsistChoice:
+    """The share of "insist" tuning dialogues, by the rule in the module docstring: the model's
+    first-answer accuracy on a seeded sample of at most ``max_rows`` of ``rows`` (the
+    *training* rows; an unreadable answer counts as wrong). ``rows``: anything
+    ``pp.data.as_rows`` reads."""
+    from .data import as_rows
+    from .evaluate import first_answers, read_answer
+
+    rows = as_rows(rows)   # refuses an empty list ("rows is empty")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    picked = sorted(random.Random(seed).sample(range(len(rows)), min(max_rows, len(rows))))
+    sample = [rows[i] for i in picked]
+    was_training = model.training
+    model.eval()
+    try:
+        answers = first_answers(model, tokenizer, sample, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                progress=progress, desc="recipe: first answers")
+    finally:
+        model.train(was_training)
+    correct = sum(bool(read_answer(r, a)[1]) for r, a in zip(sample, answers))
+    return InsistChoice(fraction=correct / len(sample), n_rows=len(sample), n_correct=correct)
+
+
+def tuning_dialogues(model, tokenizer, rows, *, n: int | None = None, seed: int = 0,
+                     insist_fraction: float | None = None, progress: bool = False, **dialogue_kwargs):
+    """(dialogues, mix): ``pp.data.spt_dialogues`` of the training ``rows`` with the insist
+    share given, or (``None``) chosen by :func:`choose_insist_fraction` on ``model``; ``mix``
+    records it (``insist_fraction``, and the rule's counts when it chose)."""
+    from .data import as_rows, spt_dialogues
+
+    rows = as_rows(rows)
+    if insist_fraction is None:
+        mix = choose_insist_fraction(model, tokenizer, rows, seed=seed, progress=progress).to_dict()
+    else:
+        mix = {"insist_fraction": float(insist_fraction), "rule": "given"}
+    dialogues = spt_dialogues(rows, n=n, seed=seed, insist_fraction=mix["insist_fraction"], **dialogue_kwargs)
+    return dialogues, mix
 
 
 def split_dialogues(dialogues: Sequence, *, val_fraction: float = VAL_FRACTION, seed: int = 0):

@@ -222,9 +222,10 @@ def run_sweep(out, *, organism_path=None, cache_dir=None, config: SweepConfig | 
     else:
         heads = [tuple(h) for h in heads]
         source["heads"] = [list(h) for h in heads]
-    from .data import spt_dialogues
+    from .recipe import tuning_dialogues
 
-    dialogues = spt_dialogues(train_rows, n=cfg.n_dialogues, seed=cfg.seed)
+    dialogues, mix = tuning_dialogues(model, tok, train_rows, n=cfg.n_dialogues, seed=cfg.seed)
+    source["dialogue_mix"] = mix
     model.eval()
     points = _all_points(model, tok, dialogues, eval_rows, general, neutral, cfg, heads, progress=progress, say=say)
     report = {"source": source, "original": _original(model, tok, eval_rows, general, cfg), "points": points,

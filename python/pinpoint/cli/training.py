@@ -67,10 +67,9 @@ def run_tune(args) -> int:
 
 
 def _run_tune(args) -> int:
-    from ..data import spt_dialogues
     from ..distributed import is_main_process
     from ..files import atomic_write_json
-    from ..recipe import tune_auto
+    from ..recipe import tune_auto, tuning_dialogues
     from ..tune import tune
 
     _check_tune_flags(args)
@@ -85,7 +84,12 @@ def _run_tune(args) -> int:
     heads = None if args.full else load_heads(args.heads, args.k, model)
     rows = load_rows(args.data, limit=args.limit)
     _check_not_benchmark(rows, args.allow_benchmark_rows)
-    dialogues = spt_dialogues(rows, n=args.n_dialogues, seed=args.seed, allow_benchmark=args.allow_benchmark_rows)
+    dialogues, insist = tuning_dialogues(model, tok, rows, n=args.n_dialogues, seed=args.seed,
+                                         insist_fraction=args.insist_fraction, progress=not args.quiet,
+                                         allow_benchmark=args.allow_benchmark_rows)
+    if args.insist_fraction is None:
+        print(f"insist fraction {insist['insist_fraction']:.3f} (the recipe rule: the model answers "
+              f"{insist['n_correct']} of {insist['n_rows']} training rows correctly; --insist-fraction to choose)")
     what = "every parameter (SFT)" if args.full else f"k = {len(heads)} heads {heads.to_list()}, parts {args.parts}"
     auto = args.lr is None  # the recipe rule picks lr (and steps, unless --steps) on 20 % of the dialogues
     rate = "lr and steps by the recipe rule" if auto else f"lr {args.lr:g}, {args.steps or 120} steps"
@@ -116,9 +120,23 @@ def _run_tune(args) -> int:
             print(f"the recipe rule chose lr {r['lr']:g}, {r['steps']} steps (validation loss on {r['n_val']} "
                   f"held-out dialogues, trained on {r['n_train']})")
         wrote = _save_tuned(args, result, tok, stage, out.path)
-        atomic_write_json(stage / "tune.json", _summary(args, heads, result, len(dialogues), seconds))
+        atomic_write_json(stage / "tune.json", {**_summary(args, heads, result, len(dialogues), seconds),
+                                                "dialogue_mix": insist})
     print("wrote " + ", ".join(str(w) for w in wrote + [out.path / "tune.json"]))
     return 0
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
 
 
 def _save_tuned(args, result, tok, stage: Path, final: Path) -> list:
@@ -193,6 +211,9 @@ def add_parsers(cmd, common) -> None:
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
     p.add_argument("--n-dialogues", type=positive_int, default=None,
                    help="number of training dialogues (default: one per row)")
+    p.add_argument("--insist-fraction", type=fraction, default=None, metavar="F",
+                   help="share of 'insist' dialogues (the first answer was right), the rest 'revise' (default: "
+                   "the recipe rule: the share of the training rows the model answers correctly; printed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out/checkpoints")
     p.add_argument("--merge", action="store_true", help="also write the merged model to --out/merged")
