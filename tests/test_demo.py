@@ -57,9 +57,8 @@ def test_demo_meets_the_issue_targets(demo):
     assert report["locate"]["planted_recall"] >= 0.75, report["locate"]
     assert runs["spt"]["confidence"] >= 80 and runs["spt"]["truthfulness"] >= 80, runs["spt"]
     assert abs(runs["spt"]["general_accuracy"] - runs["original"]["general_accuracy"]) <= 2, runs
-    # "SPT's KL below SFT's" held only at the hand-picked rates of earlier releases: at the rates
-    # the recipe rule picks, the two are close (0.141 vs 0.137 measured) and not at matched
-    # confidence, so the demo states both and `pinpoint sweep` compares them per confidence level.
+    # "SPT's KL below SFT's" is judged at matched confidence by `pinpoint sweep`; here both are
+    # recorded (with the mix rule both reach confidence 100: SPT 0.143, SFT 0.177 measured).
     for name in ("spt", "sft", "random_heads"):
         assert 0 < runs[name]["kl"] < 1, (name, runs[name])
         assert runs[name]["recipe"]["lr"] in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3), runs[name]["recipe"]
@@ -144,6 +143,9 @@ def test_demo_records_what_the_rule_chose(demo):
         assert r["n_train"] + r["n_val"] == report["config"]["n_dialogues"] and "one standard error" in r["rule"]
         assert report["runs"][name]["recipe"] == r
     assert report["recipe"]["spt"]["lr"] > 0 and loc["tuned_heads"][:len(loc["top_heads"])] == loc["top_heads"]
+    # the dialogue mix: the original model's accuracy on (a sample of) the training rows
+    mix = report["dialogue_mix"]
+    assert mix["insist_fraction"] == mix["n_correct"] / mix["n_rows"] > 0.9, mix   # the organism: ~98 % right
 
 
 def test_demo_tunes_by_the_rule_on_training_dialogues_only(monkeypatch, tmp_path):
