@@ -113,15 +113,51 @@ def _record_checksums(name: str, entry: dict) -> None:
         CHECKSUMS.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
 
 
+BUILDS = ROOT / "BUILDS.json"   # every build attempt's outcome: built, or the target it missed
+
+
+def _record_build(name: str, outcome: dict) -> None:
+    import fcntl
+
+    ROOT.mkdir(parents=True, exist_ok=True)
+    with open(ROOT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table = json.loads(BUILDS.read_text()) if BUILDS.is_file() else {}
+        table.setdefault(name, []).append(outcome)
+        BUILDS.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+
+
 def cmd_build(args) -> int:
+    """Build each variant; a missed target is a result (recorded in BUILDS.json with the
+    validation probes that led to it), not a reason to stop the others."""
+    import platform
+
+    import torch
+
     names = args.only or list(VARIANTS)
     failed = []
     for name in names:
+        checks: list[str] = []
+
+        def log(msg, checks=checks):
+            print(msg, flush=True)
+            if "validation at step" in msg or "done in" in msg:
+                checks.append(msg)
+
+        outcome = {"recipe": VARIANTS[name], "torch": torch.__version__, "machine": platform.processor() or
+                   platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        t0 = time.perf_counter()
         try:
-            _record_checksums(name, build_variant(name))
+            entry = build_variant(name, log=log)
+            _record_checksums(name, entry)
+            outcome.update(built=True, build_seconds=entry["build_seconds"])
         except Exception as exc:  # noqa: BLE001 - a missed target is a result: report it, go on
             print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+            outcome.update(built=False, error=f"{type(exc).__name__}: {exc}",
+                           seconds=round(time.perf_counter() - t0, 1))
             failed.append(name)
+        outcome["checks"] = checks
+        _record_build(name, outcome)
     return 1 if failed else 0
 
 

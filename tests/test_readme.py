@@ -23,6 +23,7 @@ because float reductions differ between CPUs).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -150,6 +151,18 @@ def test_bash_block_runs(lang, code, line, organism_env, workdir):
     script = "set -euo pipefail\ncd " + shlex.quote(str(ROOT)) + "\n" if any("bench/" in ln for ln in lines) else \
         "set -euo pipefail\n"
     _run(["bash", "-c", script + "\n".join(lines)], workdir, organism_env)
+    if any(ln.startswith("pinpoint tune ") and "--lr" not in ln for ln in lines) and (workdir / "runs/eval").is_dir():
+        _check_defaults_work(workdir)
+
+
+def _check_defaults_work(workdir: Path) -> None:
+    """The CLI block tunes with every default (the recipe rule picks k, lr, steps and the mix):
+    on the organism that must reach the demo's targets, and the choices must be recorded."""
+    res = json.loads((workdir / "runs/eval/results.json").read_text())["results"]["all"]
+    assert res["confidence"] >= 80 and res["truthfulness"] >= 80, res
+    tune = json.loads((workdir / "runs/spt/tune.json").read_text())
+    assert tune["recipe"]["lr"] > 0 and "one standard error" in tune["recipe"]["rule"], tune["recipe"]
+    assert tune["dialogue_mix"]["n_rows"] > 0 and tune["dialogue_mix"]["insist_fraction"] > 0.9, tune["dialogue_mix"]
 
 
 SNIPPET = re.compile(r"print\(heads, adapter\.recipe")
