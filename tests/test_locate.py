@@ -1,5 +1,6 @@
 """locate / knockout against the obvious hook-based versions (one forward per head, the
-paper's loop for path patching), on tiny random models of every supported architecture.
+paper's loop for path patching: pinpoint.testing.hook_patching, hook_attribution, hook_knockout),
+on tiny random models of every supported architecture.
 
 Tolerance: fp32 results must match to 1e-4 of the largest |value| (the issue's contract).
 The fast paths reorder the same fp32 arithmetic (batched rows, one-token reruns), which
@@ -12,10 +13,11 @@ import torch
 
 import pinpoint as pp
 from pinpoint.locate import knockout, locate
-from pinpoint.models import adapter_for
 from pinpoint.patching import ablate, head_means
 from pinpoint.prompts import PromptPair
-from pinpoint.testing import TINY_ARCHS, tiny_model
+from pinpoint.testing import (
+    TINY_ARCHS, assert_scores_close, hook_attribution, hook_knockout, hook_patching, tiny_model,
+)
 
 METRIC_TOKENS = (11, 17)
 
@@ -43,89 +45,6 @@ def random_pairs(n, *, vocab, equal=False, seed=0, lo=4, hi=11):
     return pairs
 
 
-# --- the obvious slow versions -------------------------------------------------------------
-
-@torch.no_grad()
-def run_logits(model, ids, hooks=()):
-    handles = [m.register_forward_pre_hook(h) if kind == "pre" else m.register_forward_hook(h)
-               for kind, m, h in hooks]
-    try:
-        out = model(torch.tensor([ids]))
-    finally:
-        for h in handles:
-            h.remove()
-    return out.logits[:, -1]
-
-
-@torch.no_grad()
-def capture(model, ad, ids):
-    z, attn = {}, {}
-    hooks = []
-    for spec in ad.layers:
-        hooks.append(("pre", spec.o.module, lambda m, a, i=spec.index: z.__setitem__(i, a[0].clone())))
-        hooks.append(("fwd", spec.attn, lambda m, a, o, i=spec.index: attn.__setitem__(i, o[0].clone())))
-    logits = run_logits(model, ids, hooks)
-    return logits, z, attn
-
-
-def naive_path(model, pairs):
-    """The paper's loop: one full forward per (pair, layer, head)."""
-    ad = adapter_for(model)
-    D = ad.head_dim
-    out = torch.zeros(len(pairs), ad.n_layers, ad.n_heads)
-    for i, p in enumerate(pairs):
-        lb, zb, ab = capture(model, ad, p.base)
-        _, zs, _ = capture(model, ad, p.source)
-        mb = metric_fn(lb)
-        for layer in range(ad.n_layers):
-            for h in range(ad.n_heads):
-                sl = slice(h * D, (h + 1) * D)
-
-                def send(m, a, layer=layer, sl=sl):
-                    z = a[0].clone()
-                    z[:, -1, sl] = zs[layer][:, -1, sl]
-                    return (z,)
-                hooks = [("pre", ad.layers[layer].o.module, send)]
-                for later in range(layer + 1, ad.n_layers):
-                    def freeze(m, a, o, later=later):
-                        x = o[0].clone()
-                        x[:, -1] = ab[later][:, -1]
-                        return (x, *o[1:])
-                    hooks.append(("fwd", ad.layers[later].attn, freeze))
-                out[i, layer, h] = metric_fn(run_logits(model, p.base, hooks)) - mb
-    return out
-
-
-def naive_activation(model, pairs, positions):
-    ad = adapter_for(model)
-    D = ad.head_dim
-    out = torch.zeros(len(pairs), ad.n_layers, ad.n_heads)
-    for i, p in enumerate(pairs):
-        lb, _, _ = capture(model, ad, p.base)
-        _, zs, _ = capture(model, ad, p.source)
-        for layer in range(ad.n_layers):
-            for h in range(ad.n_heads):
-                sl = slice(h * D, (h + 1) * D)
-
-                def patch(m, a, layer=layer, sl=sl):
-                    z = a[0].clone()
-                    if positions == "all":
-                        z[:, :, sl] = zs[layer][:, :, sl]
-                    else:
-                        z[:, -1, sl] = zs[layer][:, -1, sl]
-                    return (z,)
-                out[i, layer, h] = metric_fn(run_logits(model, p.base, [("pre", ad.layers[layer].o.module, patch)])) \
-                    - metric_fn(lb)
-    return out
-
-
-def assert_scores_close(got, want, rel=1e-4):
-    scale = want.abs().max()
-    assert scale > 1e-3, "degenerate test: no head has any effect"
-    err = (got - want).abs().max()
-    assert err <= rel * scale, f"max error {float(err):.3g} > {rel} x {float(scale):.3g}"
-
-
 # --- exactness -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -134,7 +53,7 @@ def test_path_patching_matches_the_papers_loop(arch):
     pairs = random_pairs(3, vocab=model.config.vocab_size, seed=1)
     assert len({len(p.base) for p in pairs} | {len(p.source) for p in pairs}) > 1  # unequal lengths
     scores = locate(model, None, pairs, method="path", metric=metric_fn, progress=False, batch_size=2)
-    want = naive_path(model, pairs)
+    want = hook_patching(model, pairs, metric_fn, method="path")
     assert_scores_close(scores.per_pair, want)
     assert_scores_close(scores.values, want.mean(0))
     assert scores.values.dtype == torch.float32 and scores.values.device.type == "cpu"
@@ -148,14 +67,15 @@ def test_activation_patching_matches_one_forward_per_head(arch, positions):
     pairs = random_pairs(3, vocab=model.config.vocab_size, equal=(positions == "all"), seed=2)
     scores = locate(model, None, pairs, method="activation", positions=positions, metric=metric_fn,
                     progress=False, batch_size=2)
-    assert_scores_close(scores.per_pair, naive_activation(model, pairs, positions))
+    want = hook_patching(model, pairs, metric_fn, method="activation", positions=positions)
+    assert_scores_close(scores.per_pair, want)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_activation_all_reruns_only_the_suffix_after_the_shared_prefix(arch, monkeypatch):
     """Base and source share their first tokens, so only later positions are rerun (on the
     base run's prefix KV cache); the scores are still those of one forward per head."""
-    from pinpoint.runs import SuffixRunner
+    from pinpoint.incremental import SuffixRunner
 
     model = model_for(arch)
     pairs = random_pairs(3, vocab=model.config.vocab_size, equal=True, seed=5, lo=8, hi=14)
@@ -170,11 +90,11 @@ def test_activation_all_reruns_only_the_suffix_after_the_shared_prefix(arch, mon
     scores = locate(model, None, pairs, method="activation", positions="all", metric=metric_fn,
                     progress=False, batch_size=3)
     assert widths and all(w < T for w, T in widths)
-    assert_scores_close(scores.per_pair, naive_activation(model, pairs, "all"))
+    assert_scores_close(scores.per_pair, hook_patching(model, pairs, metric_fn, method="activation", positions="all"))
 
 
 def test_activation_all_falls_back_to_full_reruns_when_the_suffix_check_fails(monkeypatch):
-    from pinpoint.runs import SuffixRunner
+    from pinpoint.incremental import SuffixRunner
 
     model = model_for("llama")
     pairs = random_pairs(3, vocab=model.config.vocab_size, equal=True, seed=6, lo=8, hi=14)
@@ -189,7 +109,7 @@ def test_activation_all_falls_back_to_full_reruns_when_the_suffix_check_fails(mo
     monkeypatch.setattr(SuffixRunner, "_kwargs", wrong_positions)
     scores = locate(model, None, pairs, method="activation", positions="all", metric=metric_fn,
                     progress=False, batch_size=3)
-    assert_scores_close(scores.per_pair, naive_activation(model, pairs, "all"))
+    assert_scores_close(scores.per_pair, hook_patching(model, pairs, metric_fn, method="activation", positions="all"))
 
 
 @pytest.mark.parametrize("method,positions", [("path", "last"), ("activation", "all"), ("activation", "last"),
@@ -229,7 +149,7 @@ def test_chunks_that_split_a_sender_layer_give_the_same_numbers(rows, monkeypatc
     monkeypatch.setattr(loc, "chunk_size", lambda budget, per_row, total: min(total, rows))
     small = locate(model, None, pairs, method="path", metric=metric_fn, progress=False, batch_size=3)
     assert_scores_close(small.per_pair, big.per_pair)
-    assert_scores_close(small.per_pair, naive_path(model, pairs))
+    assert_scores_close(small.per_pair, hook_patching(model, pairs, metric_fn, method="path"))
 
 
 def test_named_metrics_and_relative_aggregate(tokenizer):
@@ -254,37 +174,14 @@ def test_named_metrics_and_relative_aggregate(tokenizer):
 
 def test_attribution_is_grad_times_delta_and_verify_top_is_exact():
     model = model_for("qwen2")
-    ad = adapter_for(model)
     pairs = random_pairs(2, vocab=model.config.vocab_size, seed=5)
     screen = locate(model, None, pairs, method="attribution", metric=metric_fn, progress=False)
     assert screen.meta["screen"] is True and "not exact" in screen.meta["note"]
     # the slow way for pair 0: per head, d metric / dt where the head's last-position output
     # is z_base + t (z_source - z_base), one backward per head
-    p = pairs[0]
-    _, zb, _ = capture(model, ad, p.base)
-    _, zs, _ = capture(model, ad, p.source)
-    D = ad.head_dim
-    want = torch.zeros(ad.n_layers, ad.n_heads)
-    for layer in range(ad.n_layers):
-        for h in range(ad.n_heads):
-            sl = slice(h * D, (h + 1) * D)
-            t = torch.zeros((), requires_grad=True)
-
-            def nudge(m, a, sl=sl, layer=layer, t=t):
-                z = a[0].clone()
-                z[:, -1, sl] = z[:, -1, sl] + t * (zs[layer][:, -1, sl] - zb[layer][:, -1, sl])
-                return (z,)
-            handle = ad.layers[layer].o.module.register_forward_pre_hook(nudge)
-            try:
-                with torch.enable_grad():
-                    lg = model(torch.tensor([p.base])).logits[:, -1]
-                    (g,) = torch.autograd.grad(metric_fn(lg).sum(), t)
-            finally:
-                handle.remove()
-            want[layer, h] = g
-    assert_scores_close(screen.per_pair[0], want, rel=1e-4)
+    assert_scores_close(screen.per_pair[0], hook_attribution(model, pairs[0], metric_fn), rel=1e-4)
     verified = locate(model, None, pairs, method="attribution", metric=metric_fn, verify_top=3, progress=False)
-    exact = naive_activation(model, pairs, "last")
+    exact = hook_patching(model, pairs, metric_fn, method="activation", positions="last")
     assert len(verified.meta["verified"]) == 3
     for layer, head in verified.meta["verified"]:
         err = (verified.per_pair[:, layer, head] - exact[:, layer, head]).abs().max()
@@ -303,6 +200,36 @@ def test_bf16_runs_and_tracks_fp32():
     assert (b16.values - f32.values).abs().max() <= 0.1 * f32.values.abs().max()
 
 
+@pytest.mark.parametrize("kw,match", [
+    ({"method": "paths"}, r"method must be 'path' or 'activation', got 'paths'"),
+    ({"method": "activation", "positions": "first"}, r"positions must be 'last' or 'all', got 'first'"),
+    ({"method": "path", "positions": "all"}, r"method='path' patches the last position only"),
+])
+def test_reference_patching_names_a_bad_mode(kw, match):
+    model = model_for("llama")
+    with pytest.raises(ValueError, match=match):
+        hook_patching(model, random_pairs(1, vocab=model.config.vocab_size), metric_fn, **kw)
+
+
+def test_reference_patching_modes_differ_and_leave_no_hooks():
+    """The three modes are three different numbers on the same pairs (a reference that ignored its
+    mode would pass the exactness tests of only one), and every hook is removed afterwards."""
+    model = model_for("llama")
+    pairs = random_pairs(2, vocab=model.config.vocab_size, equal=True, seed=8)
+    path = hook_patching(model, pairs, metric_fn, method="path")
+    last = hook_patching(model, pairs, metric_fn, method="activation", positions="last")
+    every = hook_patching(model, pairs, metric_fn, method="activation", positions="all")
+    assert path.shape == last.shape == every.shape == (2, 3, 4)
+    # the last layer has no later layers to freeze: path and activation at the last position agree there
+    assert torch.allclose(path[:, -1], last[:, -1], atol=1e-6)
+    assert not torch.allclose(path, last, atol=1e-4) and not torch.allclose(last, every, atol=1e-4)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(AssertionError, match="max error"):
+        assert_scores_close(last, path)
+    with pytest.raises(AssertionError, match="degenerate test"):
+        assert_scores_close(path, torch.zeros_like(path))
+
+
 # --- knockout and ablate -------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -313,14 +240,7 @@ def test_knockout_matches_one_forward_per_k(arch, ablation):
     heads = [(2, 1), (0, 3), (1, 0), (0, 0)]
     curve = knockout(model, None, pairs, heads, ablation=ablation, metric=metric_fn, progress=False, batch_size=2)
     means = head_means(model, None, [p.base for p in pairs])
-    want = torch.zeros(len(heads) + 1, len(pairs))
-    for k in range(len(heads) + 1):
-        for i, p in enumerate(pairs):
-            if k == 0:
-                want[k, i] = metric_fn(run_logits(model, p.base))
-                continue
-            with ablate(model, heads[:k], ablation=ablation, means=means):
-                want[k, i] = metric_fn(run_logits(model, p.base))
+    want = hook_knockout(model, pairs, heads, metric_fn, ablation=ablation, means=means)
     assert_scores_close(curve.per_pair, want)
     assert curve.ks == [0, 1, 2, 3, 4]
     assert torch.allclose(curve.values, want.mean(1), atol=1e-5)

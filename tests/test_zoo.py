@@ -1,5 +1,6 @@
 """Every replica family of pinpoint.testing, end to end: a family is supported when every path
-is exact against the plain hook loop on its replica; otherwise spec_for refuses it by name.
+is exact against the plain hook loop (pinpoint.testing.hook_patching and friends) on its
+replica; otherwise spec_for refuses it by name.
 
 Tolerances. Exactness runs in fp32 (the replica cast up after loading): locate must match one
 forward per head (a hook on o_proj's input replacing the head's slice) to 1e-4 of the largest
@@ -23,7 +24,7 @@ from torch.nn import functional as F
 import pinpoint as pp
 from pinpoint import data
 from pinpoint.metrics import resolve_metric
-from pinpoint.testing import FAMILIES, load_replica
+from pinpoint.testing import FAMILIES, assert_scores_close, hook_attribution, hook_knockout, hook_patching, load_replica
 
 SUPPORTED = [n for n, f in FAMILIES.items() if f.supported]
 REFUSED = [n for n, f in FAMILIES.items() if not f.supported]
@@ -64,64 +65,6 @@ def _equal_length_pairs(pairs, tok):
     return out
 
 
-# --- the plain hook loop ---------------------------------------------------------------------
-
-@torch.no_grad()
-def _run(model, ids, hooks=()):
-    handles = [m.register_forward_pre_hook(h) if kind == "pre" else m.register_forward_hook(h) for kind, m, h in hooks]
-    try:
-        return model(torch.tensor([ids])).logits[:, -1]
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _capture(model, spec, ids):
-    z, attn = {}, {}
-    hooks = []
-    for ls in spec.layers:
-        hooks.append(("pre", ls.o.module, lambda m, a, i=ls.index: z.__setitem__(i, a[0].clone())))
-        hooks.append(("fwd", ls.attn, lambda m, a, o, i=ls.index: attn.__setitem__(i, o[0].clone())))
-    return _run(model, ids, hooks), z, attn
-
-
-def hook_loop(model, pairs, fn, mode):
-    """[B, L, H] metric(patched) − metric(base), one forward per (pair, layer, head). mode:
-    "path" (last position patched, later attention outputs frozen there: the paper's loop),
-    "last" or "all" (activation patching at the last / every position)."""
-    spec = pp.spec_for(model)
-    D = spec.head_dim
-    out = torch.zeros(len(pairs), spec.n_layers, spec.n_heads)
-    for i, p in enumerate(pairs):
-        lb, _, ab = _capture(model, spec, p.base)
-        _, zs, _ = _capture(model, spec, p.source)
-        for layer in range(spec.n_layers):
-            for h in range(spec.n_heads):
-                sl = slice(h * D, (h + 1) * D)
-
-                def patch(m, a, layer=layer, sl=sl):
-                    z = a[0].clone()
-                    pos = slice(None) if mode == "all" else slice(-1, None)
-                    z[:, pos, sl] = zs[layer][:, pos, sl].to(z.dtype)
-                    return (z, *a[1:])
-                hooks = [("pre", spec.layers[layer].o.module, patch)]
-                for later in range(layer + 1, spec.n_layers) if mode == "path" else ():
-                    def freeze(m, a, o, later=later):
-                        x = o[0].clone()
-                        x[:, -1] = ab[later][:, -1]
-                        return (x, *o[1:])
-                    hooks.append(("fwd", spec.layers[later].attn, freeze))
-                out[i, layer, h] = fn(_run(model, p.base, hooks)) - fn(lb)
-    return out
-
-
-def assert_close(got, want, rel=1e-4):
-    scale = want.abs().max()
-    assert scale > 1e-3, "degenerate test: no head has any effect"
-    err = (got - want).abs().max()
-    assert err <= rel * scale, f"max error {float(err):.3g} > {rel} x {float(scale):.3g}"
-
-
 # --- supported families ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", SUPPORTED)
@@ -142,10 +85,10 @@ def test_locate_is_exact_against_the_hook_loop(family):
     model, tok = _loaded(family)
     pairs = _pairs(tok)
     fn = resolve_metric("apology", tok).fn
-    for method, positions, mode, ps in [("path", "last", "path", pairs), ("activation", "last", "last", pairs),
-                                        ("activation", "all", "all", _equal_length_pairs(pairs, tok))]:
+    for method, positions, ps in [("path", "last", pairs), ("activation", "last", pairs),
+                                  ("activation", "all", _equal_length_pairs(pairs, tok))]:
         got = pp.locate(model, tok, ps, method=method, positions=positions, progress=False)
-        assert_close(got.per_pair, hook_loop(model, ps, fn, mode))
+        assert_scores_close(got.per_pair, hook_patching(model, ps, fn, method=method, positions=positions))
 
 
 @pytest.mark.parametrize("family", SUPPORTED)
@@ -153,29 +96,10 @@ def test_attribution_is_grad_times_delta_and_verify_is_exact(family):
     model, tok = _loaded(family)
     pairs = _pairs(tok)[:1]
     fn = resolve_metric("apology", tok).fn
-    spec = pp.spec_for(model)
     screen = pp.locate(model, tok, pairs, method="attribution", progress=False)
-    p, D = pairs[0], spec.head_dim
-    _, zb, _ = _capture(model, spec, p.base)
-    _, zs, _ = _capture(model, spec, p.source)
-    want = torch.zeros(spec.n_layers, spec.n_heads)
-    for layer in range(spec.n_layers):
-        for h in range(spec.n_heads):
-            sl, t = slice(h * D, (h + 1) * D), torch.zeros((), requires_grad=True)
-
-            def nudge(m, a, sl=sl, layer=layer, t=t):
-                z = a[0].clone()
-                z[:, -1, sl] = z[:, -1, sl] + t * (zs[layer][:, -1, sl] - zb[layer][:, -1, sl])
-                return (z,)
-            handle = spec.layers[layer].o.module.register_forward_pre_hook(nudge)
-            try:
-                with torch.enable_grad():
-                    (want[layer, h],) = torch.autograd.grad(fn(model(torch.tensor([p.base])).logits[:, -1]).sum(), t)
-            finally:
-                handle.remove()
-    assert_close(screen.per_pair[0], want)
+    assert_scores_close(screen.per_pair[0], hook_attribution(model, pairs[0], fn))
     verified = pp.locate(model, tok, pairs, method="attribution", verify_top=2, progress=False)
-    exact = hook_loop(model, pairs, fn, "last")
+    exact = hook_patching(model, pairs, fn, method="activation", positions="last")
     for layer, head in verified.meta["verified"]:
         assert (verified.per_pair[:, layer, head] - exact[:, layer, head]).abs().max() <= 1e-4 * exact.abs().max()
 
@@ -195,7 +119,7 @@ def test_native_dtype_tracks_fp32(family):
     model, _ = _loaded(family)
     pairs = _pairs(tok)
     got = pp.locate(native, tok, pairs, progress=False)
-    want = hook_loop(model, pairs, resolve_metric("apology", tok).fn, "path")
+    want = hook_patching(model, pairs, resolve_metric("apology", tok).fn, method="path")
     assert got.values.dtype == torch.float32 and torch.isfinite(got.values).all()
     scale = max(float(want.abs().max()), float(got.base.abs().max()))
     err = float((got.per_pair - want).abs().max())
@@ -210,15 +134,7 @@ def test_knockout_is_exact_against_ablate_hooks(family):
     heads = [(1, 0), (0, 1), (1, 2)]
     curve = pp.knockout(model, tok, pairs, heads, ablation="mean", progress=False)
     means = pp.head_means(model, None, [p.base for p in pairs])
-    want = torch.zeros(len(heads) + 1, len(pairs))
-    for k in range(len(heads) + 1):
-        for i, p in enumerate(pairs):
-            if k == 0:
-                want[k, i] = fn(_run(model, p.base))
-                continue
-            with pp.ablate(model, heads[:k], ablation="mean", means=means):
-                want[k, i] = fn(_run(model, p.base))
-    assert_close(curve.per_pair, want)
+    assert_scores_close(curve.per_pair, hook_knockout(model, pairs, heads, fn, ablation="mean", means=means))
 
 
 def _selected(spec, heads):

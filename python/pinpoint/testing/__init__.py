@@ -1,5 +1,7 @@
 """Offline, deterministic fixtures: a word-level chat tokenizer, tiny random stock models, and
-a zoo of tiny replicas of real chat-model families (``replica``, ``FAMILIES``; see ``zoo.py``).
+a zoo of tiny replicas of real chat-model families (``replica``, ``FAMILIES``; see ``zoo.py``), and
+plain hook-loop references of head patching, attribution and knockout that the fast paths are
+checked against (``hook_patching`` and friends; see ``reference_patching.py``).
 
 Nothing here touches the network. Everything is a stock ``transformers`` / ``tokenizers``
 object, so code under test sees exactly what it would see with a hub checkpoint.
@@ -12,6 +14,9 @@ from typing import Iterable
 
 import torch
 
+from .reference_patching import (
+    assert_scores_close, capture_heads, hook_attribution, hook_knockout, hook_patching, run_with_hooks,
+)
 from .zoo import FAMILIES, Family, load_replica, replica
 
 __all__ = [
@@ -19,6 +24,12 @@ __all__ = [
     "Family",
     "replica",
     "load_replica",
+    "hook_patching",
+    "hook_attribution",
+    "hook_knockout",
+    "capture_heads",
+    "run_with_hooks",
+    "assert_scores_close",
     "TINY_ARCHS",
     "SPECIAL_TOKENS",
     "DEFAULT_WORDS",
