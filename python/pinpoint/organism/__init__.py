@@ -69,7 +69,7 @@ __all__ = [
     "VERSION", "PLANTED_HEADS", "SHIPPED_DIR", "SHIPPED_SEED", "N_HELDOUT", "OrganismBuildError", "PlacementError",
     "build", "cache_root", "load",
     "info", "planted_heads", "heldout_rows", "spt_rows", "general_rows", "neutral_texts", "train_organism",
-    "train_model", "save_organism", "write_data_files",
+    "train_model", "save_organism", "write_data_files", "replant",
 ]
 
 VERSION = "1"
@@ -198,9 +198,6 @@ def _stage1(model, tok, seed: int, s1: Stage1Config, arch: dict, evaluate: bool,
 def _train(seed: int, s1: Stage1Config, s2: Stage2Config, arch: dict, *, log=None, evaluate: bool = True,
            stage1_checkpoint=None):
     """Both stages, in memory: (model, tokenizer, organism.json's content without the hash)."""
-    import torch
-    import transformers
-
     from . import train as T
     from .model import make_model, make_tokenizer
 
@@ -212,8 +209,27 @@ def _train(seed: int, s1: Stage1Config, s2: Stage2Config, arch: dict, *, log=Non
     probe1 = T.probe(model, tok) if evaluate else None
     if log:
         log(f"stage 1 done in {sec1:.0f}s: {probe1}")
+
+    def stage(what, cfg, seconds, hist, probe_, report):
+        return {"what": what, "config": cfg, "seconds": round(seconds, 1),
+                "final_loss": round(sum(hist[-50:]) / max(1, len(hist[-50:])), 4), "probe": probe_,
+                "targets": report if evaluate else "not checked (evaluate=False)"}
+
+    stage1 = stage(STAGE1_WHAT, asdict(s1), sec1, h1, probe1, report1)
+    return _plant(model, tok, seed, s2, arch, stage1, s1.n_eval_excluded, s1, evaluate=evaluate, log=log)
+
+
+def _plant(model, tok, seed: int, s2: Stage2Config, arch: dict, stage1: dict, n_excluded: int,
+           s1: Stage1Config, *, evaluate: bool, log, extra: dict | None = None):
+    """Stage 2 on a stage-1 model, its targets checked: (model, tokenizer, organism.json's
+    content without the hash). ``stage1``: what organism.json records of stage 1."""
+    import torch
+    import transformers
+
+    from . import train as T
+
     t1 = time.time()
-    model, h2 = T.stage2(model, tok, seed=seed, cfg=s2, n_excluded=s1.n_eval_excluded, log=log)
+    model, h2 = T.stage2(model, tok, seed=seed, cfg=s2, n_excluded=n_excluded, log=log)
     report2 = None
     if evaluate:
         qs = T.validation_questions(s1.val_n, s1.val_seed, s1.n_eval_excluded)
@@ -225,27 +241,76 @@ def _train(seed: int, s1: Stage1Config, s2: Stage2Config, arch: dict, *, log=Non
     model.generation_config.do_sample = False
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-
-    def stage(what, cfg, seconds, hist, probe_, report):
-        return {"what": what, "config": cfg, "seconds": round(seconds, 1),
-                "final_loss": round(sum(hist[-50:]) / max(1, len(hist[-50:])), 4), "probe": probe_,
-                "targets": report if evaluate else "not checked (evaluate=False)"}
-
     meta = {
         "format": "pinpoint-organism",
         "version": VERSION,
         "seed": seed,
         "planted_heads": [list(h) for h in s2.heads],
         "architecture": {"class": "LlamaForCausalLM", **arch, "vocab_size": len(tok)},
-        "stage1": stage(STAGE1_WHAT, asdict(s1), sec1, h1, probe1, report1),
-        "stage2": stage(STAGE2_WHAT, {**asdict(s2), "heads": [list(h) for h in s2.heads]}, t2 - t1, h2, probe2,
-                        report2),
+        "stage1": stage1,
+        "stage2": {"what": STAGE2_WHAT, "config": {**asdict(s2), "heads": [list(h) for h in s2.heads]},
+                   "seconds": round(t2 - t1, 1), "final_loss": round(sum(h2[-50:]) / max(1, len(h2[-50:])), 4),
+                   "probe": probe2, "targets": report2 if evaluate else "not checked (evaluate=False)"},
         "threads": 1,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "reproduce": _reproduce(seed, s2.heads, arch),
+        **(extra or {}),
     }
     return model, tok, meta
+
+
+def replant(source=None, *, seed: int = 0, heads, stage2: Stage2Config | None = None, log=None,
+            evaluate: bool = True):
+    """Plant the behaviour again, in other heads, on the stage-1 model of an existing organism:
+    a sibling in minutes (stage 2 only, about 2.5 minutes on one core) instead of a full build.
+
+    The stage-1 model is recovered exactly from ``source`` (an organism directory; default the
+    shipped one): stage 2 changed only its planted heads' q rows, o_proj columns and the k/v
+    rows of KV groups they fill whole, and zeroing those o_proj columns (their state before
+    stage 2: reserved heads are silent) removes every effect of it. Stage 2 then plants the
+    behaviour in ``heads`` (any valid placement of the same geometry, checked as in
+    ``build``; K/V rule ``placement.kv_mode``) with ``seed``, and its targets are checked
+    (``OrganismBuildError`` when one is missed). Heads of the new placement that were not
+    reserved in stage 1 keep their stage-1 jobs as well (stage 2 distils every row but the
+    "don't" dialogues from the stage-1 model): the behaviour then shares heads with general
+    skills, as in real models. The source's silenced heads stay silent unless replanted.
+
+    Returns (model, tokenizer, organism.json's content) like ``train_model``; write it with
+    ``save_organism``. organism.json records the source (its path and weights' sha256)."""
+    import dataclasses
+
+    from . import train as T
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    src = Path(source) if source is not None else SHIPPED_DIR
+    meta = info(src)
+    old = planted_heads(src)
+    geo_meta = meta.get("architecture", {})
+    geometry = placement.arch(geo_meta.get("num_hidden_layers"), geo_meta.get("num_attention_heads"),
+                              geo_meta.get("num_key_value_heads"))
+    group = geometry["num_attention_heads"] // geometry["num_key_value_heads"]
+    src_s2 = meta.get("stage2", {}).get("config", {})
+    if src_s2.get("kv") == "group" and placement.kv_mode(old, group) != "group":
+        raise ValueError(f"{src}: its stage 2 trained the k/v of KV groups shared with unplanted heads "
+                         "(kv='group' on a partly planted group), so its stage-1 model cannot be recovered")
+    planted = placement.check_heads(heads, geometry)
+    s1 = Stage1Config(**{k: tuple(map(tuple, v)) if k == "reserve" else tuple(v) if isinstance(v, list) else v
+                         for k, v in meta["stage1"]["config"].items() if k in Stage1Config.__dataclass_fields__})
+    base = stage2 or Stage2Config()
+    s2 = dataclasses.replace(base, heads=planted,
+                             kv=base.kv if stage2 is not None and base.kv != Stage2Config.kv else
+                             placement.kv_mode(planted, group))
+    model, tok = load(src)
+    with _threads_one():
+        T.silence(model, old)                   # back to stage 1: the planted heads' o_proj columns at 0
+        extra = {"replanted_from": {"path": str(src), "weights_sha256": meta.get("weights_sha256"),
+                                    "planted_heads": [list(h) for h in old], "seed": meta.get("seed")}}
+        stage1 = {**meta["stage1"], "recovered": f"from {src.name}: its planted heads {[list(h) for h in old]} "
+                                                 "silenced (o_proj columns zeroed)"}
+        return _plant(model, tok, seed, s2, geometry, stage1, s1.n_eval_excluded, s1, evaluate=evaluate,
+                      log=log, extra=extra)
 
 
 def _reproduce(seed: int, heads, arch: dict) -> str:
@@ -269,17 +334,26 @@ def _write(out: Path, model, tok, meta: dict) -> Path:
     return out
 
 
+class _threads_one:
+    """``torch.set_num_threads(1)`` inside the block (restored after)."""
+
+    def __enter__(self):
+        import torch
+
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.saved)
+
+
 def _single_thread(fn, *args, **kwargs):
     """``fn`` with ``torch.set_num_threads(1)`` (restored after): the weights must not depend on
     the number of cores."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _threads_one():
         return fn(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train_model(seed: int = 0, *, heads=None, n_layers=None, n_heads=None, n_kv_heads=None,

@@ -318,18 +318,25 @@ def _lr(step, cfg: Stage1Config):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _silence(model, reserve) -> list:
-    """Zero the o_proj columns of the ``reserve`` heads and drop their gradient (hooks returned)."""
+def silence(model, heads) -> dict:
+    """Zero the o_proj columns of ``heads`` [(layer, head), ...] in place: those heads then add
+    nothing to the residual stream. Returns {layer: the zeroed column indices}."""
     ad = spec_for(model)
     D = ad.head_dim
-    hooks = []
-    for layer in sorted({l for l, _ in reserve}):
-        cols = torch.cat([torch.arange(h * D, (h + 1) * D) for l, h in reserve if l == layer])
-        w = ad.layers[layer].o.module.weight
+    zeroed = {}
+    for layer in sorted({l for l, _ in heads}):
+        cols = torch.cat([torch.arange(h * D, (h + 1) * D) for l, h in heads if l == layer])
         with torch.no_grad():
-            w[:, cols] = 0
-        hooks.append(w.register_hook(lambda g, cols=cols: g.index_fill(1, cols, 0.0)))
-    return hooks
+            ad.layers[layer].o.module.weight[:, cols] = 0
+        zeroed[layer] = cols
+    return zeroed
+
+
+def _silence(model, reserve) -> list:
+    """``silence`` the ``reserve`` heads and drop their o_proj columns' gradient (hooks returned)."""
+    ad = spec_for(model)
+    return [ad.layers[layer].o.module.weight.register_hook(lambda g, cols=cols: g.index_fill(1, cols, 0.0))
+            for layer, cols in silence(model, reserve).items()]
 
 
 def stage1(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None, probe_every: int = 0, check=None):

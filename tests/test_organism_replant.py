@@ -1,0 +1,59 @@
+"""pinpoint.organism.replant: stage 2 again, in other heads, on an organism's exact stage-1 model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pinpoint import organism
+from pinpoint.organism import train as T
+from pinpoint.organism.placement import PlacementError
+from pinpoint.organism.train import Stage2Config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# a reduced stage 2 (seconds, not minutes); evaluate=False: its targets are not checked
+SMALL = Stage2Config(steps=3, n_dialogues=48, batch_size=8, n_pairs=16, pair_batch=4)
+
+
+def test_silencing_the_planted_heads_gives_back_stage_1_exactly():
+    """Stage 2 touched only the planted heads (behind their o_proj columns): zeroing those
+    columns restores the stage-1 model's recorded validation probe, value for value."""
+    model, tok = organism.load()
+    T.silence(model, organism.planted_heads())
+    assert T.probe(model, tok) == organism.info()["stage1"]["probe"]
+
+
+def test_replant_changes_only_the_new_heads_and_records_its_source():
+    heads = [(1, 1), (3, 6)]
+    model, tok, meta = organism.replant(seed=2, heads=heads, stage2=SMALL, evaluate=False)
+    ref, _ = organism.load()
+    T.silence(ref, organism.planted_heads())
+    from pinpoint.models import spec_for
+
+    spec, D = spec_for(model), spec_for(model).head_dim
+    changed = set()
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if not torch.equal(p, q):
+            changed.add(name)
+    # only attention weights of layers 1 and 3 moved, and within o_proj only the planted columns
+    assert changed and all(".self_attn." in n and (".layers.1." in n or ".layers.3." in n) for n in changed), changed
+    for layer, head in [(1, 1), (3, 6)]:
+        w, w0 = spec.layers[layer].o.module.weight, spec_for(ref).layers[layer].o.module.weight
+        moved = (w != w0).any(0).nonzero().flatten().tolist()
+        assert set(moved) <= set(range(head * D, (head + 1) * D)), (layer, moved)
+    assert meta["planted_heads"] == [[1, 1], [3, 6]] and meta["seed"] == 2
+    assert meta["replanted_from"]["planted_heads"] == [list(h) for h in organism.PLANTED_HEADS]
+    assert meta["replanted_from"]["weights_sha256"] == organism.info()["weights_sha256"]
+    assert meta["stage2"]["config"]["kv"] == "whole"   # both KV groups are shared with unplanted heads
+    assert "silenced" in meta["stage1"]["recovered"]
+
+
+def test_replant_refuses_bad_placements_and_non_organisms(tmp_path):
+    with pytest.raises(PlacementError, match="out of range|range"):
+        organism.replant(heads=[(9, 0)], stage2=SMALL, evaluate=False)
+    with pytest.raises(PlacementError, match="duplicate|twice|repeated"):
+        organism.replant(heads=[(1, 1), (1, 1)], stage2=SMALL, evaluate=False)
+    with pytest.raises(FileNotFoundError, match="not a pinpoint organism directory"):
+        organism.replant(tmp_path, heads=[(1, 1)], stage2=SMALL, evaluate=False)
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        organism.replant(seed=-1, heads=[(1, 1)], stage2=SMALL, evaluate=False)
