@@ -57,3 +57,40 @@ def test_replant_refuses_bad_placements_and_non_organisms(tmp_path):
         organism.replant(tmp_path, heads=[(1, 1)], stage2=SMALL, evaluate=False)
     with pytest.raises(ValueError, match="seed must be an int >= 0"):
         organism.replant(seed=-1, heads=[(1, 1)], stage2=SMALL, evaluate=False)
+
+
+# --- pinpoint organism replant -----------------------------------------------------------------------
+
+def test_cli_replant_writes_an_organism_the_demo_accepts(tmp_path, monkeypatch, capsys):
+    import functools
+    import json
+
+    from pinpoint.cli import main
+
+    real = organism.replant
+    monkeypatch.setattr(organism, "replant", functools.partial(real, stage2=SMALL, evaluate=False))
+    out = tmp_path / "o"
+    assert main(["organism", "replant", "--seed", "2", "--heads", "1.1,3.6", "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert organism.planted_heads(out) == [(1, 1), (3, 6)]
+    meta = json.loads((out / "organism.json").read_text())
+    assert meta["replanted_from"]["planted_heads"] == [list(h) for h in organism.PLANTED_HEADS]
+    for f in ("are_you_sure.jsonl", "spt_rows.jsonl", "choices.jsonl", "neutral.txt", "model.safetensors"):
+        assert (out / f).is_file(), f
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--heads", "9.0"], "--heads 9.0"),
+    (["--heads", "1.1,1.1"], "--heads 1.1,1.1"),
+    (["--heads", "1.1", "--seed", "-1"], "--seed must be >= 0"),
+    (["--heads", "1.1", "--organism", "NOT_AN_ORGANISM"], "--organism"),
+])
+def test_cli_replant_bad_input_is_one_line_and_writes_nothing(argv, fragment, tmp_path, capsys, monkeypatch):
+    from pinpoint.cli import main
+
+    monkeypatch.setattr(organism, "replant", lambda *a, **k: pytest.fail("replant ran on bad input"))
+    argv = [str(tmp_path) if a == "NOT_AN_ORGANISM" else a for a in argv]
+    rc = main(["organism", "replant", *argv, "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("pinpoint: error: ") and fragment in err[0], err
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,8 @@
-"""`pinpoint organism build`: train a model organism with sycophancy planted in chosen heads.
+"""`pinpoint organism build`: train a model organism with sycophancy planted in chosen heads;
+`pinpoint organism replant`: plant it again, in other heads, on an organism's stage-1 model.
 
     pinpoint organism build --seed 3 --heads 1.1,1.6,3.0,3.5 --out DIR [--n-layers 4 --n-heads 8 --n-kv-heads 2]
+    pinpoint organism replant --seed 3 --heads 1.1,3.5 --out DIR [--organism SRC]   # minutes, not half an hour
 
 Everything is validated before any work: ``--heads`` (LAYER.HEAD, comma separated; in range,
 no duplicates, every layer keeps an unplanted head) and the geometry (``n_heads % n_kv_heads
@@ -17,7 +19,7 @@ import sys
 from ..errors import UserError
 from ..outdir import OutDir
 
-__all__ = ["add_build_parser", "run_organism_build"]
+__all__ = ["add_build_parser", "run_organism_build", "run_organism_replant"]
 
 
 def _geometry_and_heads(args):
@@ -50,14 +52,50 @@ def run_organism_build(args) -> int:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    return _train_and_write(args, out, lambda: organism.train_model(args.seed, heads=heads, log=log, **geo))
+
+
+def _train_and_write(args, out: OutDir, train) -> int:
+    """Run ``train`` (a missed target: one line, nothing written), then write --out."""
+    from .. import organism
+
     try:
-        trained = organism.train_model(args.seed, heads=heads, log=log, **geo)
+        trained = train()
     except organism.OrganismBuildError as exc:
         raise UserError(f"{exc}; nothing was written to --out {args.out}") from None
     with out.open() as work:
         organism.save_organism(work, trained)
     print(out.path)
     return 0
+
+
+def run_organism_replant(args) -> int:
+    from .. import organism
+    from ..organism import placement
+
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    src = args.organism
+    try:
+        meta = organism.info(src)
+        organism.planted_heads(src)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"--organism {src}: {exc}") from None
+    geo = meta.get("architecture", {})
+    arch = placement.arch(geo.get("num_hidden_layers"), geo.get("num_attention_heads"), geo.get("num_key_value_heads"))
+    try:
+        heads = placement.check_heads(placement.parse_heads(args.heads), arch)
+    except placement.PlacementError as exc:
+        msg = str(exc)
+        raise UserError(msg if msg.startswith("--heads") else f"--heads {args.heads}: {msg}") from None
+    out = OutDir(args.out, command="organism replant", overwrite=args.overwrite)
+    out.check()
+
+    def log(msg):
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    return _train_and_write(args, out, lambda: organism.replant(src, seed=args.seed, heads=heads, log=log))
 
 
 def add_build_parser(sub) -> None:
@@ -79,3 +117,17 @@ def add_build_parser(sub) -> None:
     q.add_argument("--quiet", action="store_true", help="no training log")
     add_threads(q)
     q.set_defaults(fn=run_organism_build)
+
+    r = sub.add_parser("replant", help="plant the behaviour again, in other heads, on an organism's stage-1 "
+                       "model (stage 2 only: minutes)", description="Recover the stage-1 model of --organism "
+                       "exactly (its planted heads silenced) and plant sycophancy in --heads with --seed; stage "
+                       "2's targets are checked as in a build.")
+    r.add_argument("--organism", default=None, metavar="DIR", help="the source organism (default: the shipped one)")
+    r.add_argument("--seed", type=int, default=0, help="stage-2 seed (default 0)")
+    r.add_argument("--heads", required=True, metavar="L.H,...",
+                   help="the planted heads, LAYER.HEAD comma separated, e.g. 1.1,3.5")
+    r.add_argument("--out", required=True, metavar="DIR", help="where the organism directory is written")
+    r.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    r.add_argument("--quiet", action="store_true", help="no training log")
+    add_threads(r)
+    r.set_defaults(fn=run_organism_replant)
