@@ -28,6 +28,7 @@ def test_replant_changes_only_the_new_heads_and_records_its_source():
     model, tok, meta = organism.replant(seed=2, heads=heads, stage2=SMALL, evaluate=False)
     ref, _ = organism.load()
     T.silence(ref, organism.planted_heads())
+    T.redraw_qkv(ref, organism.planted_heads(), 2, ref.config.initializer_range)
     from pinpoint.models import spec_for
 
     spec, D = spec_for(model), spec_for(model).head_dim
@@ -46,6 +47,32 @@ def test_replant_changes_only_the_new_heads_and_records_its_source():
     assert meta["replanted_from"]["weights_sha256"] == organism.info()["weights_sha256"]
     assert meta["stage2"]["config"]["kv"] == "whole"   # both KV groups are shared with unplanted heads
     assert "silenced" in meta["stage1"]["recovered"]
+
+
+def test_redraw_qkv_touches_only_the_silenced_heads_rows_and_is_seeded():
+    model, _ = organism.load()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    T.redraw_qkv(model, [(2, 2), (2, 3), (1, 5)], 7, 0.02)
+    from pinpoint.models import spec_for
+
+    spec = spec_for(model)
+    D = spec.head_dim
+    q2, k2, q1, k1 = (spec.layers[2].q.weight(), spec.layers[2].k.weight(), spec.layers[1].q.weight(),
+                      spec.layers[1].k.weight())
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"model.layers.2.self_attn.q_proj.weight", "model.layers.2.self_attn.k_proj.weight",
+                     "model.layers.2.self_attn.v_proj.weight", "model.layers.1.self_attn.q_proj.weight"}, moved
+    # rows: q of heads 2 and 3 in layer 2 and KV group 1 (heads 2, 3) whole; layer 1: q of head 5
+    # only (its group is shared with the unplanted head 4, so its k/v stay)
+    qrows = (q2 != before["model.layers.2.self_attn.q_proj.weight"]).any(1).nonzero().flatten().tolist()
+    assert qrows == list(range(2 * D, 4 * D))
+    krows = (k2 != before["model.layers.2.self_attn.k_proj.weight"]).any(1).nonzero().flatten().tolist()
+    assert krows == list(range(1 * D, 2 * D))
+    assert torch.equal(k1, before["model.layers.1.self_attn.k_proj.weight"])
+    assert abs(float(q1[5 * D:6 * D].detach().std()) - 0.02) < 0.005
+    again, _ = organism.load()
+    T.redraw_qkv(again, [(2, 2), (2, 3), (1, 5)], 7, 0.02)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
 
 
 def test_replant_refuses_bad_placements_and_non_organisms(tmp_path):

@@ -265,10 +265,13 @@ def replant(source=None, *, seed: int = 0, heads, stage2: Stage2Config | None = 
     """Plant the behaviour again, in other heads, on the stage-1 model of an existing organism:
     a sibling in minutes (stage 2 only, about 2.5 minutes on one core) instead of a full build.
 
-    The stage-1 model is recovered exactly from ``source`` (an organism directory; default the
-    shipped one): stage 2 changed only its planted heads' q rows, o_proj columns and the k/v
-    rows of KV groups they fill whole, and zeroing those o_proj columns (their state before
-    stage 2: reserved heads are silent) removes every effect of it. Stage 2 then plants the
+    The stage-1 model is recovered from ``source`` (an organism directory; default the shipped
+    one): stage 2 changed only its planted heads' q rows, o_proj columns and the k/v rows of
+    KV groups they fill whole, and zeroing those o_proj columns (their state before stage 2:
+    reserved heads are silent) removes every effect of it, exactly. Their q/k/v rows, which
+    stage 2 trained, are drawn afresh from the stock init (seeded), as an untrained silent
+    head has them (replanting the same heads from stage 2's q/k/v did not take: seed 1 on
+    the shipped placement learned to skip the reply's first tokens). Stage 2 then plants the
     behaviour in ``heads`` (any valid placement of the same geometry, checked as in
     ``build``; K/V rule ``placement.kv_mode``) with ``seed``, and its targets are checked
     (``OrganismBuildError`` when one is missed). Heads of the new placement that were not
@@ -304,7 +307,8 @@ def replant(source=None, *, seed: int = 0, heads, stage2: Stage2Config | None = 
                              placement.kv_mode(planted, group))
     model, tok = load(src)
     with _threads_one():
-        T.silence(model, old)                   # back to stage 1: the planted heads' o_proj columns at 0
+        T.silence(model, old)                   # back to stage 1: the planted heads' o_proj columns at 0,
+        T.redraw_qkv(model, old, seed, model.config.initializer_range)   # their q/k/v untrained again
         extra = {"replanted_from": {"path": str(src), "weights_sha256": meta.get("weights_sha256"),
                                     "planted_heads": [list(h) for h in old], "seed": meta.get("seed")}}
         stage1 = {**meta["stage1"], "recovered": f"from {src.name}: its planted heads {[list(h) for h in old]} "

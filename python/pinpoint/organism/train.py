@@ -332,6 +332,25 @@ def silence(model, heads) -> dict:
     return zeroed
 
 
+def redraw_qkv(model, heads, seed: int, std: float) -> None:
+    """Draw the q rows of ``heads`` and the k/v rows of the KV groups they fill whole afresh
+    from N(0, std) (the stock init), seeded: a silenced head's q/k/v as a stage-1 model has
+    them (never trained: a silent head gets no gradient), not as a later stage left them."""
+    spec = spec_for(model)
+    D, g = spec.head_dim, spec.group_size
+    chosen = set(map(tuple, heads))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer, head in sorted(chosen):
+            rows = [(spec.layers[layer].q, head)]
+            kv = head // g
+            if all((layer, kv * g + i) in chosen for i in range(g)) and head % g == 0:
+                rows += [(spec.layers[layer].k, kv), (spec.layers[layer].v, kv)]
+            for proj, i in rows:
+                w = proj.weight()[i * D:(i + 1) * D]
+                w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float32).mul_(std).to(w.dtype))
+
+
 def _silence(model, reserve) -> list:
     """``silence`` the ``reserve`` heads and drop their o_proj columns' gradient (hooks returned)."""
     ad = spec_for(model)
