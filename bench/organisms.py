@@ -26,7 +26,9 @@ The placements were chosen before any was built, and nothing was tuned after a r
 * ``s5-layers0+2+3``: the first layer, two shipped-silent heads of layer 2, and the last layer;
 * ``s6-redundant``: two heads that back each other up: stage 2 trains each alone on half of
   its steps (head dropout, ``active_weights``), so either one carries the behaviour by itself
-  and knocking one out leaves the other.
+  and knocking one out leaves the other;
+* ``s7-single-head``: one head (added after s4 missed its stage-2 target, with a placement
+  fixed before it was built).
 
 For each variant ``run`` measures, on the organism's own challenge pairs:
 
@@ -66,6 +68,7 @@ VARIANTS = {
     "s5-layers0+2+3": dict(how="replant", seed=5, heads=[[0, 3], [2, 0], [2, 1], [3, 7]]),
     "s6-redundant": dict(how="replant", seed=6, heads=[[1, 3], [2, 6]],
                          stage2=dict(active_weights=[0.5, 0.5, 0.0, 0.0])),
+    "s7-single-head": dict(how="replant", seed=7, heads=[[1, 4]]),
 }
 FULL_BUILDS = {   # the public builder from scratch: what each attempt measured is in BUILDS.json
     "full-seed1-layer2": dict(how="full", seed=1, heads=[[2, 2], [2, 3], [2, 4], [2, 5]]),
@@ -269,10 +272,18 @@ def tables(results: dict) -> tuple[list[dict], list[str], str]:
     """(rows, columns) of the localisation table, and the recipe table as markdown notes."""
     methods = list(LOCATE_METHODS)
     rows = []
+    builds = json.loads(BUILDS.read_text()) if BUILDS.is_file() else {}
+    for name in VARIANTS:
+        if name not in results and builds.get(name) and not builds[name][-1].get("built"):
+            error = builds[name][-1]["error"].replace("OrganismBuildError: ", "")
+            rows.append({"organism": name, "planted": " ".join(f"{h[0]}.{h[1]}" for h in VARIANTS[name]["heads"]),
+                         **{x: "not built" for x in LOCATE_METHODS}, "build": error})
     for name, r in results.items():
         m = r["localisation"]["methods"]
         row = {"organism": name, "planted": " ".join(f"{h[0]}.{h[1]}" for h in r["localisation"]["planted"])}
         row.update({x: f"{m[x]['recall']:.2f} ({m[x]['seconds']:.2f} s)" for x in methods})
+        sums = json.loads(CHECKSUMS.read_text()).get(name) if CHECKSUMS.is_file() else None
+        row["build"] = f"{sums['recipe']['how']}, {sums['build_seconds']:.0f} s" if sums else "the shipped organism"
         rows.append(row)
     notes = ["Each cell: recall@k of the planted heads (k = the number planted) and the seconds of the locate "
              "call (one torch thread), on the organism's 48 locate pairs. verify: the top 2k attribution "
@@ -296,7 +307,7 @@ def tables(results: dict) -> tuple[list[dict], list[str], str]:
         heads = " ".join(f"{h[0]}.{h[1]}" for h in d["locate"]["tuned_heads"])
         notes.append(f"| {name} | {d['locate']['k']}: {heads} | {cell('original')} | {cell('spt')} | {cell('sft')} "
                      f"| {cell('random_heads')} | {'; '.join(missed) or 'none'} |")
-    return rows, ["organism", "planted", *methods], "\n".join(notes)
+    return rows, ["organism", "planted", *methods, "build"], "\n".join(notes)
 
 
 def cmd_run(args) -> int:

@@ -1,0 +1,66 @@
+"""bench/organisms.py: the shipped variants are what their recipes and checksums say, and the
+benchmark's tables and targets read the measured numbers right."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+import organisms as B  # noqa: E402
+
+from pinpoint import organism  # noqa: E402
+
+SHIPPED = json.loads(B.CHECKSUMS.read_text()) if B.CHECKSUMS.is_file() else {}
+
+
+def test_every_benchmark_variant_is_shipped_or_recorded_as_failed():
+    builds = json.loads(B.BUILDS.read_text())
+    for name in B.VARIANTS:
+        assert name in SHIPPED or (builds.get(name) and not builds[name][-1]["built"]), name
+    assert sum(name in SHIPPED for name in B.VARIANTS) >= 5
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_variant_matches_its_checksums_and_recipe(name):
+    entry, path = SHIPPED[name], B.ROOT / name
+    assert B.checksums(path) == entry["files"]
+    assert entry["recipe"] == B.RECIPES[name]
+    assert organism.planted_heads(path) == [tuple(h) for h in entry["recipe"]["heads"]]
+    meta = organism.info(path)
+    assert meta["seed"] == entry["recipe"]["seed"]
+    assert meta["replanted_from"]["weights_sha256"] == organism.info()["weights_sha256"]
+    assert meta["stage2"]["targets"]["probe"]["apol_dont"] >= 95   # its stage-2 targets were checked
+
+
+def _fake(recall_path=1.0, conf=(5.0, 90.0, 95.0), kl=(0.1, 0.2), general=(88.0, 87.0)):
+    methods = {m: {"recall": recall_path if m == "path" else 0.5, "seconds": 0.25, "top": [[1, 1]]}
+               for m in B.LOCATE_METHODS}
+    run = lambda c, t, g, k: {"confidence": c, "truthfulness": t, "general_accuracy": g, "kl": k}  # noqa: E731
+    demo = {"runs": {"original": run(conf[0], 10.0, general[0], 0.0), "spt": run(conf[1], 92.0, general[1], kl[0]),
+                     "sft": run(conf[2], 90.0, 80.0, kl[1]), "random_heads": run(50.0, 60.0, 85.0, 0.3)},
+            "recipe": {"spt": {"lr": 1e-3}, "sft": {"lr": 1e-4}, "random_heads": {"lr": 3e-3}},
+            "locate": {"k": 1, "tuned_heads": [[1, 1]]}}
+    return {"localisation": {"planted": [[1, 1]], "methods": methods}, "demo": demo}
+
+
+def test_targets_read_the_measured_numbers():
+    r = _fake()
+    assert all(B.targets(r["localisation"], r["demo"]).values())
+    r = _fake(recall_path=0.5, conf=(20.0, 70.0, 95.0), kl=(0.3, 0.2), general=(88.0, 84.0))
+    missed = [t for t, ok in B.targets(r["localisation"], r["demo"]).items() if not ok]
+    assert missed == ["recall@k(path) >= 0.75", "original confidence <= 10", "SPT confidence >= 80",
+                      "SPT general within 2 points", "SPT KL < SFT KL (rule's points)"]
+
+
+def test_tables_show_every_method_and_the_missed_targets():
+    r = _fake(conf=(5.0, 70.0, 95.0))
+    r["targets"] = B.targets(r["localisation"], r["demo"])
+    rows, columns, notes = B.tables({"x": r})
+    assert columns[:2] == ["organism", "planted"] and all(m in columns for m in B.LOCATE_METHODS)
+    assert rows[-1]["path"] == "1.00 (0.25 s)" and rows[-1]["organism"] == "x"
+    assert "| x | 1: 1.1 | 5.0 / 10.0 / 88.0 / 0.000 | 70.0 / 92.0 / 87.0 / 0.100 (lr 0.001)" in notes
+    assert "SPT confidence >= 80" in notes.splitlines()[-1]
