@@ -246,6 +246,41 @@ def test_knockout_matches_one_forward_per_k(arch, ablation):
     assert torch.allclose(curve.values, want.mean(1), atol=1e-5)
 
 
+def test_knockout_curve_figure_is_legible(tmp_path):
+    from PIL import Image
+
+    from pinpoint.locate import KnockoutCurve
+
+    curve = KnockoutCurve(torch.tensor([3.0, 1.5, 0.2]), torch.zeros(3, 2), [(2, 3), (0, 1)],
+                          {"ablation": "mean", "metric": "apology"})
+    png = curve.plot(tmp_path / "ko.png")
+    assert Image.open(png).size[0] >= 1200
+    fig = _last_figure_texts(curve)
+    assert fig["ylabel"] == "mean logit(Apologies) − logit(Yes)"
+    assert fig["xticks"] == ["none", "1\n+2.3", "2\n+0.1"] and "mean ablation" in fig["title"]
+
+
+def _last_figure_texts(curve) -> dict:
+    """The labels KnockoutCurve.plot sets (read back from a figure drawn the same way)."""
+    import matplotlib.figure
+
+    seen = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def spy(self, *a, **k):
+        ax = self.axes[0]
+        seen.update(ylabel=ax.get_ylabel(), title=ax.get_title(),
+                    xticks=[t.get_text() for t in ax.get_xticklabels()])
+        return real(self, *a, **k)
+
+    import tempfile
+    from unittest import mock
+
+    with mock.patch.object(matplotlib.figure.Figure, "savefig", spy), tempfile.TemporaryDirectory() as d:
+        curve.plot(f"{d}/x.png")
+    return seen
+
+
 def test_ablate_works_with_generate(tokenizer):
     model = model_for("llama")
     ids = torch.tensor([[5, 40, 41, 42]])

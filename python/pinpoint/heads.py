@@ -163,6 +163,16 @@ class HeadSet:
         return m
 
 
+def metric_label(metric) -> str:
+    """A locate/knockout metric in words: "logit(Apologies) − logit(Yes)" for "apology", the
+    ratio for "apology_ratio", else the metric's own name (a callable: its __name__)."""
+    if callable(metric):
+        metric = getattr(metric, "__name__", "metric")
+    return {"apology": "logit(Apologies) − logit(Yes)",
+            "apology_ratio": "logit(Apologies) / (logit(Apologies) + logit(Yes))"}.get(metric or "metric",
+                                                                                       metric or "metric")
+
+
 class HeadScores:
     """Scores of every head: ``values`` float32 CPU [n_layers, n_heads].
 
@@ -267,9 +277,7 @@ class HeadScores:
     def colorbar_label(self) -> str:
         """What a score means, for the colour bar: "Δ logit(Apologies) − logit(Yes)" for the
         default metric, the metric's own name otherwise."""
-        metric = self.meta.get("metric") or "metric"
-        what = {"apology": "logit(Apologies) − logit(Yes)",
-                "apology_ratio": "logit(Apologies) / (logit(Apologies) + logit(Yes))"}.get(metric, metric)
+        what = metric_label(self.meta.get("metric"))
         return f"% change of {what}" if self.meta.get("aggregate") == "relative" else f"Δ {what}"
 
     def figure(self, *, k: int | None = None, largest: bool = False, title: str | None = None, planted=None):
