@@ -103,6 +103,9 @@ class Stage1Config:
     letter_weight: float = 4.0     # loss weight of the answer letter after "("
     lookup: float = 0.3            # share of single-turn questions that only ask to find an option
     warm_steps: int = 1000         # first steps: single-turn questions only, half of them lookups
+    warm_until_acc: float = 60.0   # checked builds: the curriculum goes on until validation accuracy reaches it
+    warm_check_every: int = 250    # ... checked every this many extra steps
+    warm_max_extra: int = 2000     # ... for at most this many extra steps
     reserve: tuple = PLANTED_HEADS  # heads kept silent (o_proj columns held at 0) for stage 2 to fill
     # Targets (%, on the validation probe), checked when the schedule ends; while they are missed,
     # warm-restart cycles of ``extend_steps`` (peak lr x ``extend_lr_ratio``) follow, up to ``max_steps``.
@@ -246,10 +249,11 @@ class Stage1Data:
     def question(self, r: Rng) -> MCQuestion:
         return training_question(r, self.excluded)
 
-    def batch(self, step: int):
+    def batch(self, step: int, warm: bool | None = None):
+        """The rows of ``step``; ``warm`` (default: ``step < warm_steps``) picks the curriculum."""
         r = Rng(f"pinpoint-organism-stage1-{self.seed}-{step}")
         cfg = self.cfg
-        if step < cfg.warm_steps:
+        if (step < cfg.warm_steps) if warm is None else warm:
             # Curriculum: the answer letter must be found among the options ("B" for the option
             # that says Blen), a lookup a small model only learns with a dense signal.
             qa = [lookup_question(r) if i % 2 else self.question(r) for i in range(cfg.short_batch)]
@@ -358,7 +362,8 @@ def _silence(model, reserve) -> list:
             for layer, cols in silence(model, reserve).items()]
 
 
-def stage1(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None, probe_every: int = 0, check=None):
+def stage1(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None, probe_every: int = 0, check=None,
+           warm_check=None):
     """Train every parameter of ``model`` in place on the stage-1 stream. Returns the loss history.
 
     The heads in ``cfg.reserve`` stay silent: their o_proj columns start and stay at zero (their
@@ -368,7 +373,16 @@ def stage1(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None, probe_ev
     Without ``check``: exactly ``cfg.steps`` steps (the fixed schedule). With it:
     ``check(model, step) -> bool`` (model in eval mode) is asked when the schedule ends and
     after each warm-restart cycle (``_lr``); training stops when it says True or at
-    ``cfg.max_steps``. Checking does not change the steps before it."""
+    ``cfg.max_steps``. Checking does not change the steps before it.
+
+    ``warm_check(model, step) -> bool``: asked when the curriculum (``warm_steps``) ends, and
+    every ``warm_check_every`` steps after that while it says False (at most
+    ``warm_max_extra`` extra steps): the curriculum goes on, the schedule paused at its
+    ``warm_steps`` rate, until the lookup skill has formed. A seed whose skill forms late
+    (seed 1: multiple-choice accuracy at chance after 1,000 steps, 51 % after 2,000 of
+    curriculum) would otherwise move on without it and never catch up. The extra steps shift
+    the rest of the schedule (and ``max_steps``) by as many; a model that passes the first
+    check trains exactly as without ``warm_check``."""
     data = Stage1Data(tokenizer, seed, cfg)
     hooks = _silence(model, cfg.reserve)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -380,13 +394,21 @@ def stage1(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None, probe_ev
     paren_id = tokenizer.convert_tokens_to_ids("(")
     hist = []
     t0 = time.time()
-    step, end = 0, cfg.steps
+    step, end, extra, warm_open = 0, cfg.steps, 0, warm_check is not None
     with train_mode(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         while step < end:
+            t = step - extra               # the step on the schedule (paused while the curriculum is extended)
+            if warm_open and t == cfg.warm_steps and extra % max(1, cfg.warm_check_every) == 0:
+                with eval_mode(model):
+                    formed = warm_check(model, step)
+                warm_open = not (formed or extra >= cfg.warm_max_extra)
+            extending = warm_open and t == cfg.warm_steps
+            if extending:                  # one more curriculum step at the curriculum's last rate
+                extra, end = extra + 1, end + 1
             for g in opt.param_groups:
-                g["lr"] = _lr(step, cfg)
-            groups = data.batch(step)
+                g["lr"] = _lr(cfg.warm_steps - 1 if extending else t, cfg)
+            groups = data.batch(step, warm=extending or t < cfg.warm_steps)
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for rows in groups:
@@ -402,10 +424,10 @@ def stage1(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None, probe_ev
             if probe_every and log is not None and step % probe_every == 0:
                 with eval_mode(model):
                     log(f"  probe: {probe(model, tokenizer)}")
-            if check is not None and step == end and step < cfg.max_steps:
+            if check is not None and step == end and step < cfg.max_steps + extra:
                 with eval_mode(model):
                     if not check(model, step):
-                        end = min(step + cfg.extend_steps, cfg.max_steps)
+                        end = min(step + cfg.extend_steps, cfg.max_steps + extra)
     for hk in hooks:
         hk.remove()
     model.eval()
@@ -470,12 +492,20 @@ def stage1_checked(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None):
             log(f"stage 1 validation at step {step}: {state['probe']}")
         return not _missed(state["probe"], stage1_targets(cfg))
 
-    hist = stage1(model, tokenizer, seed=seed, cfg=cfg, log=log, check=check)
+    def warm_check(m, step):
+        acc = probe(m, tokenizer, questions=qs)["acc"]
+        if log:
+            log(f"stage 1 curriculum check at step {step}: validation accuracy {acc} % "
+                f"({'formed' if acc >= cfg.warm_until_acc else 'not yet'}: {cfg.warm_until_acc:g} % ends it)")
+        return acc >= cfg.warm_until_acc
+
+    hist = stage1(model, tokenizer, seed=seed, cfg=cfg, log=log, check=check, warm_check=warm_check)
     if state.get("steps") != len(hist):  # the schedule ended at the cap: check the last model
         with eval_mode(model):
             check(model, len(hist))
     return hist, check_report("stage 1", state["probe"], stage1_targets(cfg), len(hist),
-                              f" after {len(hist)} steps (cap max_steps={cfg.max_steps})")
+                              f" after {len(hist)} steps (cap max_steps={cfg.max_steps} plus any curriculum "
+                              "extension)")
 
 
 def check_report(stage: str, measured: dict, targets: dict, steps: int, detail: str = "") -> dict:
