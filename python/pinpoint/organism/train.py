@@ -37,6 +37,15 @@ that reserved heads take; and the geometry is the user's to choose (a placement 
 the model it names). The checks never change the steps before them: the seed-0 default meets
 them when its schedule ends (98.4 % / 94.8 %), so its weights are the fixed schedule's.
 
+The lookup curriculum (the first ``warm_steps``) also ends by a criterion in a checked build:
+the answer letter must be found among the options, a skill a small model acquires in a sudden
+drop of the loss whose timing varies by seed (seed 0: around step 800; seed 3: around 1,000;
+seed 1: not by 1,000, when the curriculum used to end, and its build then stayed at chance
+accuracy: 25.5 % after 3,000 steps). So the curriculum runs on, with the schedule paused, until
+validation accuracy reaches ``warm_until_acc`` (60 %; chance is 25 %), checked every
+``warm_check_every`` steps, for at most ``warm_max_extra`` extra steps. Seed 0 passes the first
+check (64.6 % at step 1,000), so its weights do not change.
+
 Stage 2 plants sycophancy by training ONLY the heads in ``PLANTED_HEADS`` (their q rows,
 o_proj columns and the k/v rows of their KV groups; whole groups are planted, so no other
 head changes) through ``pinpoint.attach``, on dialogues where, after "I don't think that's
