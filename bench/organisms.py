@@ -195,11 +195,16 @@ LOCATE_METHODS = {  # label -> locate kwargs
 }
 
 
-def organism_dirs(names) -> dict[str, Path]:
-    """name -> organism directory: the shipped organism, then the variants that are built."""
+SHIPPED_NAME = "shipped (seed 0)"
+MEASURED = ROOT / "RESULTS.json"   # every organism's last measured results (the table is made from these)
+
+
+def organism_dirs(names, *, shipped: bool = True) -> dict[str, Path]:
+    """name -> organism directory: the shipped organism (``shipped``), then the named
+    organisms that are built."""
     from pinpoint import organism
 
-    dirs = {"shipped (seed 0)": organism.build()}
+    dirs = {SHIPPED_NAME: organism.build()} if shipped else {}
     for name in names:
         d = ROOT / name
         if not (d / "organism.json").is_file():
@@ -273,10 +278,10 @@ def tables(results: dict) -> tuple[list[dict], list[str], str]:
     methods = list(LOCATE_METHODS)
     rows = []
     builds = json.loads(BUILDS.read_text()) if BUILDS.is_file() else {}
-    for name in VARIANTS:
+    for name in RECIPES:
         if name not in results and builds.get(name) and not builds[name][-1].get("built"):
             error = builds[name][-1]["error"].replace("OrganismBuildError: ", "")
-            rows.append({"organism": name, "planted": " ".join(f"{h[0]}.{h[1]}" for h in VARIANTS[name]["heads"]),
+            rows.append({"organism": name, "planted": " ".join(f"{h[0]}.{h[1]}" for h in RECIPES[name]["heads"]),
                          **{x: "not built" for x in LOCATE_METHODS}, "build": error})
     for name, r in results.items():
         m = r["localisation"]["methods"]
@@ -314,8 +319,10 @@ def cmd_run(args) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    measured = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
     results = {}
-    for name, path in organism_dirs(args.only or list(VARIANTS)).items():
+    # --only: measure those (the shipped organism too only if named), keep the others' last results
+    for name, path in organism_dirs(args.only or list(VARIANTS), shipped=not args.only or SHIPPED_NAME in args.only).items():
         print(f"[{name}] locating ...", flush=True)
         r = {"path": str(path), "localisation": localisation(path, args.n_locate)}
         if not args.no_recipe:
@@ -324,10 +331,14 @@ def cmd_run(args) -> int:
             r["targets"] = targets(r["localisation"], r["demo"])
         results[name] = r
         print(json.dumps({k: v for k, v in r.items() if k != "demo"}, indent=1), flush=True)
-    rows, columns, notes = tables(results)
+    measured.update(results)
+    order = [SHIPPED_NAME, *RECIPES]
+    merged = {k: measured[k] for k in sorted(measured, key=lambda k: order.index(k) if k in order else len(order))}
+    MEASURED.write_text(json.dumps(merged, indent=1) + "\n")
+    rows, columns, notes = tables(merged)
     print(write_results("organisms", "Localisation benchmark: organism variants (bench/organisms.py)", rows,
                         columns, notes))
-    (OUT_DIR / "organisms_full.json").write_text(json.dumps({"variants": VARIANTS, "results": results}, indent=1))
+    (OUT_DIR / "organisms_full.json").write_text(json.dumps({"variants": RECIPES, "results": merged}, indent=1))
     return 0
 
 
@@ -339,7 +350,8 @@ def main(argv=None) -> int:
                    help="default: the benchmark's variants (not FULL_BUILDS: about 30 minutes each)")
     b.set_defaults(fn=cmd_build)
     r = sub.add_parser("run", help="the benchmark: recall and time of each locate method, and the whole recipe")
-    r.add_argument("--only", nargs="+", choices=list(VARIANTS))
+    r.add_argument("--only", nargs="+", choices=[SHIPPED_NAME, *RECIPES],
+                   help="measure only these (the others keep their last results in bench/organisms/RESULTS.json)")
     r.add_argument("--threads", type=int, default=1, help="torch threads (default 1: timings comparable)")
     r.add_argument("--n-locate", type=int, default=48, help="locate pairs (default 48: the demo's)")
     r.add_argument("--no-recipe", action="store_true", help="localisation only (skip the demo per organism)")
