@@ -137,3 +137,21 @@ def test_locate_relative_leaves_out_a_pair_whose_base_metric_is_near_zero():
     want = 100.0 * scores.per_pair[1] / scores.base[1]
     torch.testing.assert_close(scores.values, want)
     assert len(scores.top(3).to_list()) == 3
+
+
+def test_locate_and_knockout_results_record_the_metric_tokens(tmp_path):
+    """The ids a named metric read are in the results' metadata (and survive save/load), so a
+    scores file says which tokens its numbers are about; a callable metric records none."""
+    from pinpoint import organism
+
+    model, tok = organism.load()
+    pairs = pp.data.challenge_pairs(pp.data.load_are_you_sure(organism.build() / "are_you_sure.jsonl")[:3], tok)
+    want = resolve_metric("apology", tok).tokens.to_dict()
+    scores = pp.locate(model, tok, pairs, progress=False)
+    assert scores.meta["metric_tokens"] == want
+    scores.save(tmp_path / "s")
+    assert type(scores).load(tmp_path / "s").meta["metric_tokens"] == want
+    curve = pp.knockout(model, tok, pairs, scores.top(2), progress=False)
+    assert curve.meta["metric_tokens"] == want
+    plain = pp.locate(model, tok, pairs, metric=lambda logits: logits[:, 0], progress=False)
+    assert "metric_tokens" not in plain.meta

@@ -135,7 +135,7 @@ def locate(model, tokenizer, pairs, *, method: str = "path", metric="apology", a
                                              batch_size=batch_size, pad=pad, side=side, budget=budget)
     meta = {"method": method, "metric": metric_name, "aggregate": aggregate, "positions": positions,
             "n_pairs": len(pairs), "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-            "architecture": spec.arch, "dtype": str(spec.dtype).replace("torch.", "")}
+            "architecture": spec.arch, "dtype": str(spec.dtype).replace("torch.", ""), **_token_meta(fn)}
     if streamed is not None:
         meta.update(stream=True, bytes_read=streamed.bytes_read, resident_bytes=streamed.resident_bytes,
                     layer_reads=list(streamed.reads))
@@ -526,8 +526,15 @@ def knockout(model, tokenizer, pairs, heads, *, ablation: str = "mean", metric="
         finally:
             bar.close()
     meta = {"ablation": ablation, "metric": metric_name, "n_pairs": len(pairs),
-            "model": getattr(model.config, "_name_or_path", "") or type(model).__name__}
+            "model": getattr(model.config, "_name_or_path", "") or type(model).__name__, **_token_meta(fn)}
     return KnockoutCurve(per_pair.mean(1), per_pair, heads, meta)
+
+
+def _token_meta(fn) -> dict:
+    """{"metric_tokens": ...}: the token ids (and pieces) a named metric read, for the results'
+    metadata; nothing for a callable metric."""
+    tokens = getattr(fn, "metric_tokens", None)
+    return {"metric_tokens": tokens.to_dict()} if tokens is not None else {}
 
 
 def _knockout_rows(model, spec: ModelSpec, fn, base: Batch, order: torch.Tensor, means, *, start: int, budget: int,
