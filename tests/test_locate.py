@@ -326,6 +326,17 @@ def test_head_set_validation():
 
 # --- bad input -----------------------------------------------------------------------------
 
+def test_a_prompt_longer_than_a_sliding_window_names_the_window():
+    """locate's length check is ModelSpec.check_length: the error names the window and the layer
+    (an InputError: the CLI prints it in one line), and nothing is computed."""
+    from pinpoint.errors import InputError
+
+    model = tiny_model("mistral", sliding_window=16)
+    with pytest.raises(InputError, match=r"pairs\[0\]\.base is 20 tokens, longer than the sliding window of 16 "
+                                         r"tokens that layer 0 attends through"):
+        pp.locate(model, None, [PromptPair(list(range(3, 23)), [1, 2])], metric=metric_fn, progress=False)
+
+
 @pytest.mark.parametrize("kwargs, pairs, exc, match", [
     ({}, [], ValueError, r"pairs is empty"),
     ({}, [PromptPair([], [1, 2])], ValueError, r"pairs\[0\].base is empty"),

@@ -74,9 +74,7 @@ def _encode(spec: ModelSpec, tokenizer, pairs: list[PromptPair], *, sides=("base
         for side in sides:
             where = f"pairs[{i}].{side}"
             ids = to_ids(tokenizer, getattr(p, side), where=where, vocab_size=spec.vocab_size)
-            if len(ids) > spec.max_seq_len:
-                raise ValueError(f"{where} is {len(ids)} tokens, longer than the model's context of "
-                                 f"{spec.max_seq_len}")
+            spec.check_length(len(ids), where=where)   # names a sliding window when that is the limit
             enc[side].append(ids)
     return enc
 

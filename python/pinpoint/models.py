@@ -170,15 +170,17 @@ class ModelSpec:
     def check_length(self, n_tokens: int, where: str = "the prompt") -> None:
         """Raise ValueError when a sequence of ``n_tokens`` is longer than pinpoint can compute
         exactly: longer than the smallest sliding window (naming it), or than the context."""
+        from .errors import InputError   # a ValueError the CLI prints in one line
+
         if n_tokens <= self.max_seq_len:
             return
         if self.sliding_window is not None and self.max_seq_len == self.sliding_window:
-            raise ValueError(
+            raise InputError(
                 f"{where} is {n_tokens} tokens, longer than the sliding window of {self.sliding_window} tokens that "
                 f"layer {self.window_layer} attends through (config.sliding_window); pinpoint's fused kernels "
                 f"compute full causal attention and cannot honour the window, so keep prompts to at most "
                 f"{self.sliding_window} tokens")
-        raise ValueError(f"{where} is {n_tokens} tokens, longer than the model's context of {self.max_seq_len} "
+        raise InputError(f"{where} is {n_tokens} tokens, longer than the model's context of {self.max_seq_len} "
                          "tokens")
 
     def head_slice(self, h: int) -> slice:
