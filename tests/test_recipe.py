@@ -29,18 +29,33 @@ def _scores(values):
     return HeadScores(torch.as_tensor(values, dtype=torch.float32))
 
 
-def test_choose_k_counts_heads_within_a_quarter_of_the_top():
+def test_choose_k_cuts_at_the_largest_drop_and_keeps_every_head_within_a_quarter_of_the_top():
     v = torch.zeros(4, 8)
     v[2, 2:6] = torch.tensor([1.0, 0.9, 0.8, 0.7])
-    v[0, 1] = 0.26   # just above 25 % of the top: counted
-    v[1, 1] = 0.24   # just below: not counted
+    v[0, 1] = 0.26   # within 25 % of the top: always counted
+    v[1, 1] = 0.1    # below 25 %, but above the largest drop (0.1 -> the 1 % floor): counted
+    v[1, 5] = 0.004  # noise (< 1 % of the top): never makes a drop
     v[3, 0] = -5.0   # the other direction: never counted
-    assert recipe.choose_k(_scores(v), largest=True) == 5
+    assert recipe.choose_k(_scores(v), largest=True) == 6
     # top()'s default orientation: the most negative scores are the heads that carry the behaviour
-    assert recipe.choose_k(_scores(-v)) == 5
+    assert recipe.choose_k(_scores(-v)) == 6
     assert recipe.choose_k(_scores(v)) == 1          # only (3, 0) points that way: alone, it is 100 % of itself
     s = _scores(-v)
-    assert set(s.top(recipe.choose_k(s))) == {(2, 2), (2, 3), (2, 4), (2, 5), (0, 1)}
+    assert set(s.top(recipe.choose_k(s))) == {(2, 2), (2, 3), (2, 4), (2, 5), (0, 1), (1, 1)}
+    # the largest drop inside the quarter: the quarter still counts (never fewer)
+    w = torch.zeros(2, 8)
+    w[0, :3] = torch.tensor([1.0, 0.3, 0.29])
+    assert recipe.choose_k(_scores(w), largest=True) == 3
+
+
+def test_one_dominant_head_does_not_hide_the_others():
+    """Measured on a full seed-3 organism: the planted heads scored -3.28, -0.70, -0.57, -0.41,
+    every other head at most -0.02; a 25 %-of-top cut kept one head, the largest drop keeps 4."""
+    v = torch.zeros(4, 8)
+    v[3, 0], v[3, 5], v[1, 6], v[1, 1] = -3.28, -0.70, -0.57, -0.41
+    v[3, 4], v[2, 4] = -0.02, -0.01
+    s = _scores(v)
+    assert recipe.choose_k(s) == 4 and set(s.top(4)) == {(3, 0), (3, 5), (1, 6), (1, 1)}
 
 
 def test_choose_k_ignores_non_finite_and_negative_scores_and_is_capped():

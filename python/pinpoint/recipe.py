@@ -3,13 +3,17 @@
 Two choices are made here, the same way for every method (SPT on located heads, SPT on random
 heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
 
-* **How many heads** (:func:`choose_k`): the heads whose effect points the way ``top``
-  ranks (negative by default: patching in the "do" source lowers the apology logit of a head
-  that carries the behaviour) and is at least ``REL_TO_MAX`` (25 %) of the strongest one,
-  clipped to ``[1, max(8, 5 % of all heads)]``.
-  The paper tunes 3-4 % of the heads (32 of 1,024 for 7B models); the 25 %-of-max cut keeps
-  heads that carry a real share of the effect, and the cap keeps the selection "pinpoint"
-  on large models while leaving room for redundant heads on small ones.
+* **How many heads** (:func:`choose_k`): among the heads whose effect points the way
+  ``top`` ranks (negative by default: patching in the "do" source lowers the apology logit of
+  a head that carries the behaviour), the ones above the **largest relative drop** between
+  consecutive strengths (strengths below ``GAP_FLOOR`` = 1 % of the strongest count as that
+  floor, so noise-level heads cannot make a drop), and never fewer than the heads at least
+  ``REL_TO_MAX`` (25 %) of the strongest; clipped to ``[1, max(8, 5 % of all heads)]``.
+  The paper tunes 3-4 % of the heads (32 of 1,024 for 7B models). A fixed share of the
+  strongest alone fails when one head dominates: on a full seed-3 organism path patching
+  scored the planted heads 3.28, 0.70, 0.57 and 0.41 against at most 0.02 for any other
+  head, the 25 % cut kept one head, and SPT on it reached confidence 6.4; the largest drop
+  (0.41 to 0.02) keeps all four. On the other organisms measured both give the same k.
 * **Learning rate and steps** (:func:`choose_lr`): the training dialogues are split once
   (seeded) into a training part and a validation part (``VAL_FRACTION`` = 20 %). Steps are
   ``EPOCHS`` (4) passes over the training part at the given batch size, which is what the
@@ -55,6 +59,7 @@ from dataclasses import dataclass, field
 import torch
 
 REL_TO_MAX = 0.25
+GAP_FLOOR = 0.01
 MAX_FRACTION = 0.05
 MIN_CAP = 8
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
@@ -66,10 +71,14 @@ REUSE_MAX_BYTES = 1 << 30   # reuse=True keeps a trial's tensors only up to this
 
 
 def choose_k(scores, *, largest: bool = False, rel: float = REL_TO_MAX, max_fraction: float = MAX_FRACTION,
-             min_cap: int = MIN_CAP) -> int:
+             min_cap: int = MIN_CAP, floor: float = GAP_FLOOR) -> int:
     """How many of ``scores.top(k, largest=largest)`` to tune, by the rule in the module
     docstring: ``largest=False`` (``top``'s default) counts heads with negative scores, the
-    most negative first; ``largest=True`` positive ones. Non-finite scores never count."""
+    most negative first; ``largest=True`` positive ones. Non-finite scores never count.
+
+    k = the heads above the largest relative drop between consecutive strengths (among the
+    heads at least ``floor`` of the strongest, below the cap; a strength under the floor counts
+    as the floor), and never fewer than the heads at least ``rel`` of the strongest."""
     values = scores.values.flatten().double()
     values = values[torch.isfinite(values)]
     strength = values if largest else -values   # > 0: the head pushes the way top() ranks
@@ -77,8 +86,18 @@ def choose_k(scores, *, largest: bool = False, rel: float = REL_TO_MAX, max_frac
     cap = min(max(min_cap, math.ceil(max_fraction * n_total)), n_total)
     if strength.numel() == 0 or float(strength.max()) <= 0:
         return 1
-    k = int(((strength > 0) & (strength >= rel * float(strength.max()))).sum())
-    return max(1, min(k, cap))
+    ranked = strength.clamp(min=0).sort(descending=True).values.tolist()
+    top = ranked[0]
+    k = sum(1 for x in ranked if x > 0 and x >= rel * top)
+    lowest = floor * top
+    best = 0.0
+    for i in range(min(cap, len(ranked))):
+        if ranked[i] < lowest:
+            break
+        drop = ranked[i] / max(ranked[i + 1] if i + 1 < len(ranked) else 0.0, lowest)
+        if drop > best:
+            best, k_gap = drop, i + 1
+    return max(1, min(max(k, k_gap), cap))
 
 
 @dataclass

@@ -80,7 +80,7 @@ def _common(p: argparse.ArgumentParser, *, model=True, data=True, heads=False) -
     if heads:
         p.add_argument("--heads", metavar="FILE", help="a saved HeadScores directory or a HeadSet JSON file")
         p.add_argument("--k", type=positive_int, default=None, help="use the top K heads (default with a scores "
-                       "directory: the recipe rule, the heads scoring at least 25%% of the top score)")
+                       "directory: the recipe rule, the heads above the largest drop in score, and every head within 25%% of the top)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the results (refused if another "
                    "command's results or your own files are in it, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (another command's "

@@ -78,12 +78,13 @@ def run_locate(args) -> int:
                         positions=args.positions, metric=args.metric, aggregate=args.aggregate, batch_size=args.batch_size, progress=not args.quiet,
                         **_metric_kwargs(args))
         scores.save(stage / "scores")
-        k = args.k or choose_k(scores)  # default: heads scoring at least 25 % of the top (pinpoint.recipe)
+        k = args.k or choose_k(scores)  # default: the recipe rule (pinpoint.recipe.choose_k)
         scores.plot(stage / "heatmap.png", k=k)
         top = scores.top(k)
         top.save(stage / "top_heads.json")
-    print(f"top {k} heads: {top.to_list()}" + ("" if args.k else " (k by the recipe rule: heads scoring at "
-                                                                 "least 25% of the top score; --k to choose)"))
+    print(f"top {k} heads: {top.to_list()}" + ("" if args.k else " (k by the recipe rule: the heads above the "
+                                                                 "largest drop in score, and every head within 25% "
+                                                                 "of the top; --k to choose)"))
     print(f"wrote {out.path / 'scores'} (with scores.csv), {out.path / 'heatmap.png'}, {out.path / 'top_heads.json'}")
     return 0
 
@@ -128,8 +129,8 @@ def add_parsers(cmd, common) -> None:
     _metric_flags(p)
     p.add_argument("--aggregate", default="diff", choices=["diff", "relative"])
     p.add_argument("--k", type=positive_int, default=None,
-                   help="how many top heads to mark and save (default: the recipe rule, the heads scoring at "
-                   "least 25%% of the top score, at most max(8, 5%% of the heads))")
+                   help="how many top heads to mark and save (default: the recipe rule, the heads above the "
+                   "largest drop in score and every head within 25%% of the top, at most max(8, 5%% of the heads))")
     p.add_argument("--stream", action="store_true", help="read the decoder layers from the safetensors files one "
                    "at a time (each at most twice per batch): for models larger than memory")
 

@@ -313,7 +313,8 @@ def _recipe_k(scores_dir: Path) -> int:
     from ..recipe import choose_k
 
     k = choose_k(HeadScores.load(scores_dir))
-    print(f"k = {k} (the recipe rule: heads scoring at least 25% of the top score; --k to choose)")
+    print(f"k = {k} (the recipe rule: the heads above the largest drop in score, and every head within 25% "
+          "of the top; --k to choose)")
     return k
 
 
