@@ -335,6 +335,15 @@ def cmd_run(args) -> int:
     order = [SHIPPED_NAME, *RECIPES]
     merged = {k: measured[k] for k in sorted(measured, key=lambda k: order.index(k) if k in order else len(order))}
     MEASURED.write_text(json.dumps(merged, indent=1) + "\n")
+    return _write_tables(merged)
+
+
+def cmd_table(args) -> int:
+    """Rewrite the RESULTS.md section from bench/organisms/RESULTS.json and BUILDS.json (no measuring)."""
+    return _write_tables(json.loads(MEASURED.read_text()))
+
+
+def _write_tables(merged: dict) -> int:
     rows, columns, notes = tables(merged)
     print(write_results("organisms", "Localisation benchmark: organism variants (bench/organisms.py)", rows,
                         columns, notes))
@@ -356,6 +365,8 @@ def main(argv=None) -> int:
     r.add_argument("--n-locate", type=int, default=48, help="locate pairs (default 48: the demo's)")
     r.add_argument("--no-recipe", action="store_true", help="localisation only (skip the demo per organism)")
     r.set_defaults(fn=cmd_run)
+    t = sub.add_parser("table", help="rewrite the RESULTS.md section from the recorded results (no measuring)")
+    t.set_defaults(fn=cmd_table)
     args = ap.parse_args(argv)
     return args.fn(args)
 
