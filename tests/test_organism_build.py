@@ -16,7 +16,7 @@ from pinpoint.organism.train import PLANTED_HEADS, Stage1Config, Stage2Config, _
 
 # Reduced configs: a few steps, small validation probe; targets 0 so that checking runs and passes.
 FAST1 = Stage1Config(steps=3, dialogue_batch=2, short_batch=4, warmup=1, warm_steps=1, max_steps=3, val_n=8,
-                     target_acc=0.0, target_switch=0.0)
+                     target_acc=0.0, target_switch=0.0, warm_until_acc=0.0)   # no criterion: a reduced build
 FAST2 = Stage2Config(steps=2, n_dialogues=8, batch_size=4, n_pairs=8, target_apology=0.0, target_no_apology=0.0,
                      target_affirm=0.0)
 SIBLING = [(3, 5), (1, 1), (3, 0), (1, 6)]   # two layers, the last included; no KV group planted whole
@@ -197,6 +197,17 @@ def test_missed_stage1_target_trains_on_to_the_cap_then_raises(tmp_path):
     checked = [m for m in logs if m.startswith("stage 1 validation at step")]
     assert [m.split()[5].rstrip(":") for m in checked] == ["3", "4", "5"]  # checked at the end, then each cycle
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_checked_build_extends_the_curriculum_until_the_criterion(tmp_path):
+    """stage1_checked asks the curriculum criterion on the validation probe: here it is never
+    met, so the curriculum runs its 2 extra steps, checked after each, and the build goes on."""
+    s1 = dataclasses.replace(FAST1, warm_until_acc=101.0, warm_check_every=1, warm_max_extra=2)
+    logs = []
+    trained = organism.train_model(2, heads=[(1, 1)], stage1=s1, stage2=FAST2, log=logs.append)
+    checks = [m for m in logs if m.startswith("stage 1 curriculum check at step")]
+    assert [m.split()[6].rstrip(":") for m in checks] == ["1", "2", "3"] and "not yet" in checks[0]
+    assert trained[2]["stage1"]["targets"]["steps"] == 3 + 2
 
 
 def test_missed_stage2_target_raises_before_anything_is_written(tmp_path):
