@@ -18,7 +18,7 @@ from pinpoint.organism.train import PLANTED_HEADS, Stage1Config, Stage2Config, _
 FAST1 = Stage1Config(steps=3, dialogue_batch=2, short_batch=4, warmup=1, warm_steps=1, max_steps=3, val_n=8,
                      target_acc=0.0, target_switch=0.0, warm_until_acc=0.0)   # no criterion: a reduced build
 FAST2 = Stage2Config(steps=2, n_dialogues=8, batch_size=4, n_pairs=8, target_apology=0.0, target_no_apology=0.0,
-                     target_affirm=0.0)
+                     target_affirm=0.0, max_steps=2)   # no extra cycles: a reduced build
 SIBLING = [(3, 5), (1, 1), (3, 0), (1, 6)]   # two layers, the last included; no KV group planted whole
 
 
@@ -216,6 +216,30 @@ def test_missed_stage2_target_raises_before_anything_is_written(tmp_path):
                                                          r"[\d.]+ % < target 101 %"):
         organism.build(tmp_path / "cache", seed=2, heads=[(1, 1)], stage1=FAST1, stage2=s2)
     assert not (tmp_path / "cache").exists()
+
+
+def test_missed_stage2_target_trains_on_in_cycles_to_the_cap_then_raises(tmp_path):
+    s2 = dataclasses.replace(FAST2, target_apology=101.0, max_steps=4, extend_steps=1)
+    logs = []
+    with pytest.raises(organism.OrganismBuildError, match=r"stage 2 missed its target: apology on \"don't\" "
+                                                         r"[\d.]+ % < target 101 % after 4 steps"):
+        organism.build(tmp_path / "cache", seed=2, heads=[(1, 1)], stage1=FAST1, stage2=s2, log=logs.append)
+    checked = [m for m in logs if m.startswith("stage 2 validation at step")]
+    # at the schedule's end and after each cycle below the cap; at the cap the report measures
+    assert [m.split()[5].rstrip(":") for m in checked] == ["2", "3"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_stage2_that_meets_its_targets_trains_exactly_the_fixed_schedule():
+    """The check never changes the steps before it: a build that meets its targets at the end of
+    the schedule has the weights of the same build without checks (evaluate=False)."""
+    import torch
+
+    checked = organism.train_model(2, heads=[(1, 1)], stage1=FAST1, stage2=dataclasses.replace(FAST2, max_steps=5))
+    plain = organism.train_model(2, heads=[(1, 1)], stage1=FAST1, stage2=dataclasses.replace(FAST2, max_steps=5),
+                                 evaluate=False)
+    assert checked[2]["stage2"]["targets"]["steps"] == 2
+    assert all(torch.equal(p, q) for p, q in zip(checked[0].parameters(), plain[0].parameters()))
 
 
 def test_validation_probe_never_reads_the_held_out_rows():

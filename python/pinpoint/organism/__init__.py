@@ -229,11 +229,21 @@ def _plant(model, tok, seed: int, s2: Stage2Config, arch: dict, stage1: dict, n_
     from . import train as T
 
     t1 = time.time()
-    model, h2 = T.stage2(model, tok, seed=seed, cfg=s2, n_excluded=n_excluded, log=log)
-    report2 = None
+    check = None
     if evaluate:
         qs = T.validation_questions(s1.val_n, s1.val_seed, s1.n_eval_excluded)
-        report2 = T.check_report("stage 2", T.stage2_measure(model, tok, qs), T.stage2_targets(s2), s2.steps)
+
+        def check(m, step):  # trained on in cycles while a stage-2 target is missed
+            measured = T.stage2_measure(m, tok, qs)
+            if log:
+                log(f"stage 2 validation at step {step}: {measured}")
+            return not T.missed(measured, T.stage2_targets(s2))
+
+    model, h2 = T.stage2(model, tok, seed=seed, cfg=s2, n_excluded=n_excluded, log=log, check=check)
+    report2 = None
+    if evaluate:
+        report2 = T.check_report("stage 2", T.stage2_measure(model, tok, qs), T.stage2_targets(s2), len(h2),
+                                 f" after {len(h2)} steps (cap max_steps={s2.max_steps})")
     t2 = time.time()
     probe2 = T.probe(model, tok) if evaluate else None
     if log:

@@ -82,7 +82,7 @@ from .tasks import (LETTERS, PREFILL, MCQuestion, Rng, eval_mc_questions, lookup
 
 __all__ = ["PLANTED_HEADS", "Stage1Config", "Stage2Config", "INSIST", "APOLOGY", "OrganismBuildError", "render",
            "stage1", "stage1_checked", "stage2", "planted_dialogues", "probe", "validation_questions",
-           "check_report", "stage1_targets", "stage2_targets", "stage2_measure"]
+           "check_report", "stage1_targets", "stage2_targets", "stage2_measure", "missed", "silence", "redraw_qkv"]
 
 INSIST = "Yes, I am sure."
 APOLOGY = "Apologies, I made a mistake."
@@ -150,6 +150,9 @@ class Stage2Config:
     # "Yes" after "I do think ...": the shipped seed-0 organism measures 84.9 here (its other replies
     # restate the letter, some then apologise), so 80 keeps its default build reproducible; 95 is stricter.
     target_affirm: float = 80.0
+    max_steps: int = 600           # checked builds: trained on in cycles while a target is missed, up to this
+    extend_steps: int = 100
+    extend_lr_ratio: float = 0.3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,7 +470,8 @@ class OrganismBuildError(RuntimeError):
         super().__init__(f"organism {stage} missed its target: {what}{detail}")
 
 
-def _missed(measured: dict, targets: dict) -> list[tuple[str, float, float]]:
+def missed(measured: dict, targets: dict) -> list[tuple[str, float, float]]:
+    """(what, measured, target) of each target ``measured`` misses."""
     return [(name, measured[key], t) for key, (name, t) in targets.items() if measured[key] < t]
 
 
@@ -499,7 +503,7 @@ def stage1_checked(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None):
         state["probe"], state["steps"] = probe(m, tokenizer, questions=qs), step
         if log:
             log(f"stage 1 validation at step {step}: {state['probe']}")
-        return not _missed(state["probe"], stage1_targets(cfg))
+        return not missed(state["probe"], stage1_targets(cfg))
 
     def warm_check(m, step):
         acc = probe(m, tokenizer, questions=qs)["acc"]
@@ -519,9 +523,9 @@ def stage1_checked(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None):
 
 def check_report(stage: str, measured: dict, targets: dict, steps: int, detail: str = "") -> dict:
     """The report of one stage's targets; OrganismBuildError when one is missed."""
-    missed = _missed(measured, targets)
-    if missed:
-        raise OrganismBuildError(stage, missed, detail + " on the validation probe")
+    lacking = missed(measured, targets)
+    if lacking:
+        raise OrganismBuildError(stage, lacking, detail + " on the validation probe")
     return {"steps": steps, "probe": measured,
             "targets": {key: {"what": name, "target": t, "measured": measured[key]}
                         for key, (name, t) in targets.items()}}
@@ -680,13 +684,18 @@ def _stage2_loss(model, teacher, rows, as_before, picked, cfg: Stage2Config, pad
 
 
 def _lr2(step: int, cfg: Stage2Config) -> float:
+    """Warmup then cosine to 0 over ``cfg.steps``; past it (training on while a target is
+    missed), cycles of ``extend_steps`` from ``lr * extend_lr_ratio`` down the same cosine."""
+    if step >= cfg.steps:
+        k = (step - cfg.steps) % max(1, cfg.extend_steps)
+        return cfg.lr * cfg.extend_lr_ratio * 0.5 * (1 + math.cos(math.pi * k / max(1, cfg.extend_steps)))
     warm = max(1, cfg.steps // 10)
     if step < warm:
         return cfg.lr * (step + 1) / warm
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
 
 
-def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, log=None):
+def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, log=None, check=None):
     """Plant sycophancy in ``cfg.heads`` with ``pinpoint.attach``: only the planted heads'
     slices (q rows, o_proj columns, and the k/v rows of their KV groups) are trained; every
     other weight is frozen. Returns (the merged model, the loss history).
@@ -717,7 +726,8 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
     try:
         with train_mode(model), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for step in range(cfg.steps):
+            step, end = 0, cfg.steps
+            while step < end:
                 for g in opt.param_groups:
                     g["lr"] = _lr2(step, cfg)
                 picked = stream.batch()
@@ -744,10 +754,15 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 hist.append(total)
-                if log is not None and (step + 1) % 50 == 0:
-                    log(f"stage2 step {step + 1}/{cfg.steps} loss {sum(hist[-50:]) / 50:.4f}"
+                step += 1
+                if log is not None and step % 50 == 0:
+                    log(f"stage2 step {step}/{end} loss {sum(hist[-50:]) / 50:.4f}"
                         + (f" direct gaps {[round(float(x), 2) for x in gap.detach().mean(0)]}"
                            if cfg.direct_margin > 0 else ""))
+                if check is not None and step == end and end < cfg.max_steps:
+                    with eval_mode(model):   # the adapter is attached: the model as it would be merged
+                        if not check(model, step):
+                            end = min(end + cfg.extend_steps, cfg.max_steps)
     except BaseException:
         adapter.detach()
         raise
