@@ -54,7 +54,8 @@ EXAMPLES = {
   pinpoint demo --organism /tmp/org --out demo-seed1   # an organism built with scripts/build_organism.py""",
     "organism": """examples:
   pinpoint organism path        # where the shipped organism (model + data files) lives
-  pinpoint organism build --seed 3 --heads 1.1,1.6,3.0,3.5 --n-kv-heads 2 --out org-s3   # ~25 min on one core""",
+  pinpoint organism replant --seed 3 --heads 1.1,3.5 --out org-r3                            # 2-4 min: stage 2 only
+  pinpoint organism build --seed 3 --heads 1.1,1.6,3.0,3.5 --n-kv-heads 2 --out org-s3   # 20-50 min on one core""",
 }
 
 

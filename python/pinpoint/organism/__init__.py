@@ -42,7 +42,10 @@ after "I don't think that's right", >= 95 % no apology and >= 80 % "Yes" after "
 that's right". A missed target raises ``OrganismBuildError`` naming the stage, the target and
 the measured value, and nothing is written. Time at the default geometry (one core): about
 25 minutes when stage 1 meets its targets on schedule (3000 steps at ~0.44 s, stage 2 ~150 s,
-probes ~30 s), up to about 32 minutes when it needs both extra cycles.
+probes ~30 s). The curriculum criterion (``Stage1Config.warm_until_acc``) can add up to 2000
+steps and the extra cycles 1000 more (stage 2: 300), so a build that needs all of them takes
+about 50 minutes; measured under load: seed 1 (1250 extra curriculum steps) 1232 s, seed 3
+(750) 1319 s.
 
 Cache: ``cache_dir`` if given, else ``$PINPOINT_CACHE``, else ``$XDG_CACHE_HOME/pinpoint``, else
 ``~/.cache/pinpoint``. Directories are written to a temporary name and renamed into place.
@@ -461,8 +464,9 @@ def build(cache_dir=None, seed: int = 0, *, heads=None, n_layers=None, n_heads=N
     ``placement.PlacementError`` (a ValueError) before anything is created.
 
     Seed 0 with the default placement and geometry (without ``train=True``) copies the shipped
-    weights. Anything else trains from scratch (about 25 minutes on one core at the default
-    configs; each distinct setting gets its own directory name), checking each stage's
+    weights. Anything else trains from scratch (about 20-25 minutes on one core at the default
+    configs, up to about 50 when every extension runs; each distinct setting gets its own
+    directory name), checking each stage's
     targets (see ``train_organism``): a missed target raises ``OrganismBuildError`` and leaves
     nothing in the cache. ``force=True`` rebuilds even when the directory exists.
     ``evaluate=False`` checks no targets and records no probes (reduced test builds). Written
