@@ -42,9 +42,7 @@ For each variant ``run`` measures, on the organism's own challenge pairs:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -78,22 +76,17 @@ FULL_BUILDS = {   # the public builder from scratch: what each attempt measured 
 RECIPES = {**VARIANTS, **FULL_BUILDS}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checksums(directory: Path) -> dict[str, str]:
-    return {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file()}
+    from pinpoint.files import file_sha256
+
+    return {p.name: file_sha256(p) for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 def build_variant(name: str, log=print) -> dict:
     """Make one variant (``RECIPES[name]``) into bench/organisms/<name>/ (replacing it);
     returns its checksums and build time."""
     from pinpoint import organism
+    from pinpoint.files import replace_dir, staging_dir
     from pinpoint.organism.train import Stage2Config
 
     r = RECIPES[name]
@@ -108,18 +101,10 @@ def build_variant(name: str, log=print) -> dict:
         trained = organism.train_model(r["seed"], heads=heads, n_layers=r.get("n_layers"), n_heads=r.get("n_heads"),
                                        n_kv_heads=r.get("n_kv_heads"), stage2=stage2, log=say)
     seconds = time.perf_counter() - t0
-    ROOT.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=ROOT))
-    try:
+    with staging_dir(ROOT / name) as tmp:   # removed if anything fails
         organism.save_organism(tmp, trained)
         sums = checksums(tmp)
-        dest = ROOT / name
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        replace_dir(tmp, ROOT / name)
     log(f"[{name}] built in {seconds:.0f} s")
     return {"recipe": r, "build_seconds": round(seconds, 1), "files": sums}
 
@@ -217,8 +202,6 @@ def organism_dirs(names, *, shipped: bool = True) -> dict[str, Path]:
 def localisation(path: Path, n_locate: int) -> dict:
     """recall@(number planted) and seconds of every locate method on the organism's first
     ``n_locate`` held-out rows (the demo's locate rows)."""
-    import torch
-
     import pinpoint as pp
     from pinpoint import organism
     from pinpoint.data import as_rows, challenge_pairs
@@ -239,8 +222,6 @@ def localisation(path: Path, n_locate: int) -> dict:
         top = scores.top(n).to_list()
         out[label] = {"recall": len(set(map(tuple, top)) & set(planted)) / n, "top": top,
                       "seconds": round(seconds, 3)}
-    del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"planted": [list(h) for h in planted], "n_pairs": len(pairs), "methods": out}
 
 

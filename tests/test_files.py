@@ -78,3 +78,26 @@ def test_staging_dir_is_removed_on_error(tmp_path):
             (work / "half").write_text("x")
             raise RuntimeError("boom")
     assert not work.exists() and not (tmp_path / "out").exists()
+
+
+def test_replace_dir_leaves_exactly_the_new_contents(tmp_path):
+    from pinpoint.files import replace_dir, staging_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with staging_dir(out) as work:
+        (work / "new.txt").write_text("new")
+        assert replace_dir(work, out) == out
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]       # no temporary left beside it
+
+
+def test_file_sha256_is_the_digest_of_the_bytes(tmp_path):
+    import hashlib
+
+    from pinpoint.files import file_sha256
+
+    data = bytes(range(256)) * 5000   # more than one read chunk
+    (tmp_path / "f").write_bytes(data)
+    assert file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from pinpoint.files import file_sha256
 from pinpoint import organism
 from pinpoint.organism import tasks
 from pinpoint.organism.train import (APOLOGY, INSIST, PLANTED_HEADS, Renderer, Stage1Config, Stage1Data,
@@ -223,7 +224,7 @@ def test_shipped_build_copies_the_package_files(shipped_model):
     assert (path / "model.safetensors").read_bytes() == (organism.SHIPPED_DIR / "model.safetensors").read_bytes()
     meta = organism.info(path)
     assert meta["planted_heads"] == [list(h) for h in PLANTED_HEADS]
-    assert meta["weights_sha256"] == organism._sha256(path / "model.safetensors")
+    assert meta["weights_sha256"] == file_sha256(path / "model.safetensors")
     # portable to transformers 4.x: a tokenizer class 4.x knows, the chat template inline, rope_theta
     tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
     assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in tok_cfg

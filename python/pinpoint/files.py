@@ -10,6 +10,8 @@
   ``out`` to build results in; it is removed when the block ends, whatever happens.
 * ``publish_dir(tmp, out)``: move every entry of ``tmp`` into ``out`` (created), replacing
   entries of the same name; other entries of ``out`` stay.
+* ``replace_dir(tmp, out)``: rename ``tmp`` to ``out`` as a whole, removing an old ``out``.
+* ``file_sha256(path)``: the hex sha256 of a file's bytes.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "staging_dir",
-           "publish_dir"]
+           "publish_dir", "replace_dir", "file_sha256"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -112,6 +114,24 @@ def publish_dir(tmp, out) -> Path:
         os.replace(entry, dest)
     _fsync_dir(out)
     return out
+
+
+def replace_dir(tmp, out) -> Path:
+    """Rename the filled directory ``tmp`` (a sibling: ``staging_dir(out)``) to ``out``, removing
+    an old ``out`` first, so ``out`` holds exactly what ``tmp`` held."""
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def file_sha256(path) -> str:
+    """The hex sha256 of the file at ``path`` (read in chunks)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cache_root(cache_dir=None) -> Path:

@@ -61,7 +61,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..files import cache_root  # organisms are cached under pinpoint's cache root
+from ..files import cache_root, file_sha256  # organisms are cached under pinpoint's cache root
 from ..heads import as_head_list
 from . import placement
 from .placement import ARCH, PlacementError
@@ -72,7 +72,7 @@ __all__ = [
     "VERSION", "PLANTED_HEADS", "SHIPPED_DIR", "SHIPPED_SEED", "N_HELDOUT", "OrganismBuildError", "PlacementError",
     "build", "cache_root", "load",
     "info", "planted_heads", "heldout_rows", "spt_rows", "general_rows", "neutral_texts", "train_organism",
-    "train_model", "save_organism", "write_data_files", "replant",
+    "train_model", "save_organism", "write_data_files", "replant", "architecture",
 ]
 
 VERSION = "1"
@@ -157,14 +157,6 @@ def write_data_files(path) -> None:
 
 def _complete(path: Path) -> bool:
     return all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json", INFO_NAME))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stage1(model, tok, seed: int, s1: Stage1Config, arch: dict, evaluate: bool, ck, log):
@@ -303,9 +295,7 @@ def replant(source=None, *, seed: int = 0, heads, stage2: Stage2Config | None = 
     src = Path(source) if source is not None else SHIPPED_DIR
     meta = info(src)
     old = planted_heads(src)
-    geo_meta = meta.get("architecture", {})
-    geometry = placement.arch(geo_meta.get("num_hidden_layers"), geo_meta.get("num_attention_heads"),
-                              geo_meta.get("num_key_value_heads"))
+    geometry = architecture(src)
     group = geometry["num_attention_heads"] // geometry["num_key_value_heads"]
     src_s2 = meta.get("stage2", {}).get("config", {})
     if src_s2.get("kv") == "group" and placement.kv_mode(old, group) != "group":
@@ -346,7 +336,7 @@ def _write(out: Path, model, tok, meta: dict) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     _portable(out)
-    meta = {**meta, "weights_sha256": _sha256(out / "model.safetensors")}
+    meta = {**meta, "weights_sha256": file_sha256(out / "model.safetensors")}
     (out / INFO_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out
 
@@ -530,6 +520,13 @@ def info(path=None) -> dict:
     if not f.is_file():
         raise FileNotFoundError(f"{f}: no such file; {p} is not a pinpoint organism directory")
     return json.loads(f.read_text(encoding="utf-8"))
+
+
+def architecture(path=None) -> dict:
+    """The geometry (``placement.arch``) recorded in ``path``'s organism.json (default: the
+    shipped organism's): what a placement of heads is checked against."""
+    geo = info(path).get("architecture", {})
+    return placement.arch(geo.get("num_hidden_layers"), geo.get("num_attention_heads"), geo.get("num_key_value_heads"))
 
 
 def planted_heads(path=None) -> list[tuple[int, int]]:

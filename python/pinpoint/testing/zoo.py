@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..files import replace_dir, staging_dir
 from .corpus import corpus
 from .family_tokenizers import LLAMA3_PATTERN, QWEN2_PATTERN, byte_level_bpe, sentencepiece_bpe
 
@@ -347,17 +346,9 @@ def replica(family: str | Family, dir: str | os.PathLike | None = None, *, seed:
             return out
     if out.exists() and any(out.iterdir()) and not stamp.exists():
         raise FileExistsError(f"{out} exists and is not a pinpoint replica; pass another dir")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staging_dir(out) as tmp:   # removed if anything fails
         _write(fam, tmp, seed, build)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        return replace_dir(tmp, out)
 
 
 def load_replica(family: str | Family, *, dtype: torch.dtype | str = "auto", seed: int = 0,
