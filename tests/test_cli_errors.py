@@ -111,6 +111,8 @@ def test_bad_input_is_one_line_and_creates_nothing(argv, fragments, model_dir, t
     (["eval", "--threads", "0"], "argument --threads: must be a positive integer, got 0"),
     (["locate", "--k", "0"], "argument --k: must be a positive integer, got 0"),
     (["locate", "--metric-tokens", "5"], "argument --metric-tokens: must be two token ids APOLOGY_ID,YES_ID"),
+    (["tune", "--insist-fraction", "1.5"], "argument --insist-fraction: must be in [0, 1], got 1.5"),
+    (["tune", "--insist-fraction", "-0.1"], "argument --insist-fraction: must be a number >= 0, got -0.1"),
 ])
 def test_bad_flag_values_are_usage_errors_before_anything_runs(argv, fragment, tmp_path, capsys):
     base = {"locate": ["--model", "m", "--data", "d", "--out", str(tmp_path / "o")],

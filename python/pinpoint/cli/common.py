@@ -58,6 +58,14 @@ def nonnegative_float(text: str) -> float:
     return _number(text, zero_ok=True)
 
 
+def unit_fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    v = _number(text, zero_ok=True)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return v
+
+
 def parts_letters(text: str) -> str:
     """A non-empty subset of "qkvo", each letter once."""
     bad = sorted(set(text) - set("qkvo"))

@@ -31,12 +31,18 @@ def _geometry_and_heads(args):
         arch = placement.arch(**geo)
     except placement.PlacementError as exc:
         raise UserError(f"--n-layers/--n-heads/--n-kv-heads: {exc}") from None
+    return _checked_heads(args.heads, arch), geo
+
+
+def _checked_heads(text: str, arch: dict):
+    """``--heads`` parsed and checked against ``arch``, or UserError naming the flag."""
+    from ..organism import placement
+
     try:
-        heads = placement.check_heads(placement.parse_heads(args.heads), arch)
+        return placement.check_heads(placement.parse_heads(text), arch)
     except placement.PlacementError as exc:
         msg = str(exc)
-        raise UserError(msg if msg.startswith("--heads") else f"--heads {args.heads}: {msg}") from None
-    return heads, geo
+        raise UserError(msg if msg.startswith("--heads") else f"--heads {text}: {msg}") from None
 
 
 def run_organism_build(args) -> int:
@@ -71,23 +77,16 @@ def _train_and_write(args, out: OutDir, train) -> int:
 
 def run_organism_replant(args) -> int:
     from .. import organism
-    from ..organism import placement
 
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     src = args.organism
     try:
-        meta = organism.info(src)
         organism.planted_heads(src)
+        arch = organism.architecture(src)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(f"--organism {src}: {exc}") from None
-    geo = meta.get("architecture", {})
-    arch = placement.arch(geo.get("num_hidden_layers"), geo.get("num_attention_heads"), geo.get("num_key_value_heads"))
-    try:
-        heads = placement.check_heads(placement.parse_heads(args.heads), arch)
-    except placement.PlacementError as exc:
-        msg = str(exc)
-        raise UserError(msg if msg.startswith("--heads") else f"--heads {args.heads}: {msg}") from None
+    heads = _checked_heads(args.heads, arch)
     out = OutDir(args.out, command="organism replant", overwrite=args.overwrite)
     out.check()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..outdir import OutDir
 from .common import (directory_kind, load_adapter, load_heads, load_model, load_rows, nonnegative_float,
-                     parts_letters, placement, positive_float, positive_int)
+                     parts_letters, placement, positive_float, positive_int, unit_fraction)
 
 
 def _check_tune_flags(args) -> None:
@@ -126,19 +126,6 @@ def _run_tune(args) -> int:
     return 0
 
 
-def fraction(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
 def _save_tuned(args, result, tok, stage: Path, final: Path) -> list:
     if args.full:
         model = result.merge()
@@ -211,7 +198,7 @@ def add_parsers(cmd, common) -> None:
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
     p.add_argument("--n-dialogues", type=positive_int, default=None,
                    help="number of training dialogues (default: one per row)")
-    p.add_argument("--insist-fraction", type=fraction, default=None, metavar="F",
+    p.add_argument("--insist-fraction", type=unit_fraction, default=None, metavar="F",
                    help="share of 'insist' dialogues (the first answer was right), the rest 'revise' (default: "
                    "the recipe rule: the share of the training rows the model answers correctly; printed)")
     p.add_argument("--seed", type=int, default=0)
