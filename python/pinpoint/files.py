@@ -130,8 +130,11 @@ def file_sha256(path) -> str:
     """The hex sha256 of the file at ``path`` (read in chunks)."""
     import hashlib
 
+    h = hashlib.sha256()   # (hashlib.file_digest needs Python 3.11; pinpoint supports 3.10)
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def cache_root(cache_dir=None) -> Path:
