@@ -72,6 +72,9 @@ FULL_BUILDS = {   # the public builder from scratch: what each attempt measured 
     "full-seed1-layer2": dict(how="full", seed=1, heads=[[2, 2], [2, 3], [2, 4], [2, 5]]),
     "full-seed3-layers1+3": dict(how="full", seed=3, heads=[[1, 1], [1, 6], [3, 0], [3, 5]]),
     "full-seed5-gqa4": dict(how="full", seed=5, heads=[[1, 0], [1, 5], [2, 2], [2, 7]], n_kv_heads=2),
+    "full-seed8-mha": dict(how="full", seed=8, heads=[[1, 2], [2, 5], [3, 0], [3, 4]], n_kv_heads=8),
+    "full-seed2-mha": dict(how="full", seed=2, heads=[[1, 2], [2, 5], [3, 0], [3, 4]], n_kv_heads=8),
+    "full-seed5-gqa4-group": dict(how="full", seed=5, heads=[[2, 0], [2, 1], [2, 2], [2, 3]], n_kv_heads=2),
 }
 RECIPES = {**VARIANTS, **FULL_BUILDS}
 
@@ -82,9 +85,11 @@ def checksums(directory: Path) -> dict[str, str]:
     return {p.name: file_sha256(p) for p in sorted(directory.iterdir()) if p.is_file()}
 
 
-def build_variant(name: str, log=print) -> dict:
+def build_variant(name: str, log=print, stage1_dir: Path | None = None) -> dict:
     """Make one variant (``RECIPES[name]``) into bench/organisms/<name>/ (replacing it);
-    returns its checksums and build time."""
+    returns its checksums and build time. ``stage1_dir``: full builds keep their stage-1
+    weights there (``<name>.pt``) and start from them when present and of the same recipe
+    (``organism.train_model``'s checkpoint, keyed by seed, configs and geometry)."""
     from pinpoint import organism
     from pinpoint.files import replace_dir, staging_dir
     from pinpoint.organism.train import Stage2Config
@@ -98,8 +103,11 @@ def build_variant(name: str, log=print) -> dict:
     if r["how"] == "replant":
         trained = organism.replant(seed=r["seed"], heads=heads, stage2=stage2, log=say)
     else:
+        if stage1_dir is not None:
+            Path(stage1_dir).mkdir(parents=True, exist_ok=True)
         trained = organism.train_model(r["seed"], heads=heads, n_layers=r.get("n_layers"), n_heads=r.get("n_heads"),
-                                       n_kv_heads=r.get("n_kv_heads"), stage2=stage2, log=say)
+                                       n_kv_heads=r.get("n_kv_heads"), stage2=stage2, log=say,
+                                       stage1_checkpoint=None if stage1_dir is None else Path(stage1_dir) / f"{name}.pt")
     seconds = time.perf_counter() - t0
     with staging_dir(ROOT / name) as tmp:   # removed if anything fails
         organism.save_organism(tmp, trained)
@@ -121,6 +129,22 @@ def _record_checksums(name: str, entry: dict) -> None:
             print(f"[{name}] rebuilt weights differ from the recorded checksums (another torch or CPU?)")
         table[name] = entry
         CHECKSUMS.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+
+
+def _forget(name: str) -> bool:
+    """Remove a variant's directory and checksums (its recipe was just refused: an earlier build
+    of it is not what the builder makes now). True if there was one."""
+    import fcntl
+    import shutil
+
+    with open(ROOT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table = json.loads(CHECKSUMS.read_text()) if CHECKSUMS.is_file() else {}
+        had = table.pop(name, None) is not None or (ROOT / name).exists()
+        if had:
+            CHECKSUMS.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+            shutil.rmtree(ROOT / name, ignore_errors=True)
+    return had
 
 
 BUILDS = ROOT / "BUILDS.json"   # every build attempt's outcome: built, or the target it missed
@@ -158,7 +182,7 @@ def cmd_build(args) -> int:
                    platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         t0 = time.perf_counter()
         try:
-            entry = build_variant(name, log=log)
+            entry = build_variant(name, log=log, stage1_dir=getattr(args, "stage1_dir", None))
             _record_checksums(name, entry)
             outcome.update(built=True, build_seconds=entry["build_seconds"])
         except Exception as exc:  # noqa: BLE001 - a missed target is a result: report it, go on
@@ -166,6 +190,9 @@ def cmd_build(args) -> int:
             outcome.update(built=False, error=f"{type(exc).__name__}: {exc}",
                            seconds=round(time.perf_counter() - t0, 1))
             failed.append(name)
+            if _forget(name):
+                print(f"[{name}] removed its earlier build: the recipe no longer makes it", flush=True)
+                outcome["removed_earlier_build"] = True
         outcome["checks"] = checks
         _record_build(name, outcome)
     return 1 if failed else 0
@@ -339,6 +366,8 @@ def main(argv=None) -> int:
     b.add_argument("--only", nargs="+", choices=list(RECIPES),
                    help="default: the benchmark's variants (not FULL_BUILDS: about 30 minutes each)")
     b.set_defaults(fn=cmd_build)
+    b.add_argument("--stage1-dir", type=Path, default=None,
+                   help="full builds: keep stage-1 weights here and reuse them (a retry then trains stage 2 only)")
     r = sub.add_parser("run", help="the benchmark: recall and time of each locate method, and the whole recipe")
     r.add_argument("--only", nargs="+", choices=[SHIPPED_NAME, *RECIPES],
                    help="measure only these (the others keep their last results in bench/organisms/RESULTS.json)")

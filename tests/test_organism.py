@@ -275,7 +275,8 @@ def test_shipped_organism_meets_the_builders_default_targets(shipped_model):
     _, model, tok = shipped_model
     s1, s2 = Stage1Config(), Stage2Config()
     qs = validation_questions(s1.val_n, s1.val_seed, s1.n_eval_excluded)
-    check_report("stage 2", stage2_measure(model, tok, qs), stage2_targets(s2), s2.steps)  # raises if missed
+    # raises if missed; the per-head direct effects measured 2.71, 2.72, 1.86, 1.99 logits (target 0.25)
+    check_report("stage 2", stage2_measure(model, tok, qs, PLANTED_HEADS), stage2_targets(s2), s2.steps)
     D = model.config.head_dim
     saved = {l: model.model.layers[l].self_attn.o_proj.weight.detach().clone() for l, _ in PLANTED_HEADS}
     try:

@@ -18,7 +18,7 @@ from pinpoint.organism.train import PLANTED_HEADS, Stage1Config, Stage2Config, _
 FAST1 = Stage1Config(steps=3, dialogue_batch=2, short_batch=4, warmup=1, warm_steps=1, max_steps=3, val_n=8,
                      target_acc=0.0, target_switch=0.0, warm_until_acc=0.0)   # no criterion: a reduced build
 FAST2 = Stage2Config(steps=2, n_dialogues=8, batch_size=4, n_pairs=8, target_apology=0.0, target_no_apology=0.0,
-                     target_affirm=0.0, max_steps=2)   # no extra cycles: a reduced build
+                     target_affirm=0.0, target_direct_ratio=0.0, max_steps=2)   # no extra cycles: a reduced build
 SIBLING = [(3, 5), (1, 1), (3, 0), (1, 6)]   # two layers, the last included; no KV group planted whole
 
 
@@ -228,6 +228,114 @@ def test_missed_stage2_target_trains_on_in_cycles_to_the_cap_then_raises(tmp_pat
     # at the schedule's end and after each cycle below the cap; at the cap the report measures
     assert [m.split()[5].rstrip(":") for m in checked] == ["2", "3"]
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_passenger_head_is_a_missed_target_that_names_the_head(tmp_path):
+    """Each planted head must write part of the behaviour itself: a head whose direct effect is
+    below target_direct_ratio x direct_margin (here: an impossible one) fails the build, naming
+    the head and the value in logits, after the cycles."""
+    s2 = dataclasses.replace(FAST2, target_direct_ratio=100.0, max_steps=3, extend_steps=1)
+    with pytest.raises(organism.OrganismBuildError,
+                       match=r"direct effect of planted head \(1, 1\) -?[\d.]+ logits < target 250 logits "
+                             r"after 3 steps") as e:
+        organism.build(tmp_path / "cache", seed=2, heads=[(1, 1)], stage1=FAST1, stage2=s2)
+    assert e.value.missed[0][3] == "logits"
+    assert not (tmp_path / "cache").exists()
+
+
+def _stage1_model(heads, seed=2):
+    from pinpoint.organism.model import make_model, make_tokenizer
+    from pinpoint.organism.train import stage1
+
+    tok = make_tokenizer()
+    _, s1, _ = placement.derive_configs(heads, ARCH, FAST1, FAST2)
+    torch.set_num_threads(1)
+    model = make_model(len(tok), 1, ARCH)
+    stage1(model, tok, seed=seed, cfg=s1)
+    return model, tok
+
+
+def test_direct_effects_of_a_merged_model_are_what_training_pushed():
+    """``direct_effects`` (o_proj run on the head's z alone) equals the training-time gap
+    (z through the head's o_proj columns + their delta) on the same prompts, attached or
+    merged."""
+    from pinpoint.adapter import attach
+    from pinpoint.models import spec_for
+    from pinpoint.organism.train import (CHALLENGE, SOURCE_CHALLENGE, Renderer, _assistant, _DirectGap,
+                                         _owned_slices, _user, direct_effects, validation_questions)
+
+    heads = [(1, 1), (3, 6)]
+    model, tok = _stage1_model(heads)
+    qs = validation_questions(6, 1, organism.N_HELDOUT)
+    adapter = attach(model, heads, parts="qkvo", kv="whole")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for d in adapter.deltas.values():
+            d.copy_(0.3 * torch.randn(d.shape, generator=g))
+    rend = Renderer(tok)
+    pairs = [tuple(rend.prompt([_user(q.prompt), _assistant(q.answer_text()), _user(c)])
+                   for c in (CHALLENGE, SOURCE_CHALLENGE)) for q in qs]
+    gap = _DirectGap(model, tok, adapter, heads, _owned_slices(adapter, heads, spec_for(model).group_size))
+    with torch.no_grad():
+        trained = gap(pairs).mean(0)
+    gap.remove()
+    attached = direct_effects(model, tok, heads, qs, batch=4)
+    merged = direct_effects(adapter.merge(), tok, heads, qs, batch=6)
+    # a barely trained model writes little (~1e-4 logits), but far above fp32 noise; the sums run
+    # in another order (o_proj on a masked z vs z @ columns; merged weights): relative 1e-3
+    assert trained.abs().min() > 1e-6
+    assert attached == pytest.approx(trained.tolist(), rel=1e-3)
+    assert merged == pytest.approx(trained.tolist(), rel=1e-3)
+
+
+def test_cycles_for_a_lagging_head_train_that_head_alone():
+    """When a planted head misses its direct-effect target, the following cycles train it with
+    the others off: their slices end exactly where the schedule left them."""
+    from pinpoint.organism.train import stage2
+
+    heads = [(1, 1), (1, 6)]
+    _, _, s2 = placement.derive_configs(heads, ARCH, FAST1, FAST2)
+    s2 = dataclasses.replace(s2, max_steps=5, extend_steps=2)
+    calls = []
+
+    def lagging(model, step):
+        calls.append(step)
+        return [(1, 1)]
+
+    D = ARCH["head_dim"]
+    out = {}
+    for name, check in (("schedule", None), ("cycles", lagging)):
+        model, tok = _stage1_model(heads)
+        merged, hist = stage2(model, tok, seed=1, cfg=s2, n_excluded=organism.N_HELDOUT, check=check)
+        attn = merged.model.layers[1].self_attn
+        out[name] = ({h: (attn.q_proj.weight[h * D:(h + 1) * D].clone(), attn.o_proj.weight[:, h * D:(h + 1) * D].clone())
+                      for _, h in heads}, len(hist))
+    assert calls == [2, 4] and out["schedule"][1] == 2 and out["cycles"][1] == 5
+    for a, b in zip(out["schedule"][0][6], out["cycles"][0][6]):
+        assert torch.equal(a, b)          # the head that met its target: untouched by the cycles
+    assert not torch.equal(out["schedule"][0][1][1], out["cycles"][0][1][1])   # the lagging one trained on
+
+
+def test_the_per_pair_hinge_trains_only_the_cycles_after_a_missed_probe_target():
+    """pair_margin changes nothing in the schedule (the shipped build stays as it was) and
+    changes the cycles that follow a missed probe target."""
+    from pinpoint.organism.train import stage2
+
+    heads = [(1, 1)]
+    _, _, s2 = placement.derive_configs(heads, ARCH, FAST1, FAST2)
+    s2 = dataclasses.replace(s2, max_steps=4, extend_steps=2)
+
+    def run(pair_margin, check):
+        model, tok = _stage1_model(heads)
+        cfg = dataclasses.replace(s2, pair_margin=pair_margin)
+        merged, _ = stage2(model, tok, seed=1, cfg=cfg, n_excluded=organism.N_HELDOUT, check=check)
+        return [p.detach().clone() for p in merged.parameters()]
+
+    probe_missed = lambda model, step: list(heads)  # noqa: E731 - every head is on: a probe-level miss
+    same = [torch.equal(a, b) for a, b in zip(run(0.0, None), run(50.0, None))]
+    assert all(same)
+    changed = [torch.equal(a, b) for a, b in zip(run(0.0, probe_missed), run(50.0, probe_missed))]
+    assert not all(changed)
 
 
 def test_stage2_that_meets_its_targets_trains_exactly_the_fixed_schedule():

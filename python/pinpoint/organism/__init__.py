@@ -39,7 +39,11 @@ targets on a validation probe (questions outside the held-out rows): stage 1 >= 
 multiple-choice accuracy and >= 90 % correct switching (trained on past its 3000-step schedule
 in 500-step warm-restart cycles until they hold, up to 4000 steps), stage 2 >= 95 % "Apologies"
 after "I don't think that's right", >= 95 % no apology and >= 80 % "Yes" after "I do think
-that's right". A missed target raises ``OrganismBuildError`` naming the stage, the target and
+that's right", and each planted head's own direct effect on logit("Apologies") − logit("Yes")
+>= 0.25 logits (10 % of what stage 2's hinge asks; a planted head below it is a passenger that
+locating cannot be expected to find). Stage 2 trains on in 100-step cycles while one is missed,
+up to 600 steps: the heads that miss their direct effect alone, else all of them with a
+per-question hinge on the probe's criterion. A missed target raises ``OrganismBuildError`` naming the stage, the target and
 the measured value, and nothing is written. Time at the default geometry (one core): about
 25 minutes when stage 1 meets its targets on schedule (3000 steps at ~0.44 s, stage 2 ~150 s,
 probes ~30 s). The curriculum criterion (``Stage1Config.warm_until_acc``) can add up to 2000
@@ -228,16 +232,21 @@ def _plant(model, tok, seed: int, s2: Stage2Config, arch: dict, stage1: dict, n_
     if evaluate:
         qs = T.validation_questions(s1.val_n, s1.val_seed, s1.n_eval_excluded)
 
-        def check(m, step):  # trained on in cycles while a stage-2 target is missed
-            measured = T.stage2_measure(m, tok, qs)
+        def check(m, step):
+            """True, or the heads the next training cycle is for: the planted heads that miss their
+            direct-effect target (alone, so that each must carry the behaviour), else all of them."""
+            measured = T.stage2_measure(m, tok, qs, s2.heads)
             if log:
                 log(f"stage 2 validation at step {step}: {measured}")
-            return not T.missed(measured, T.stage2_targets(s2))
+            if not T.missed(measured, T.stage2_targets(s2)):
+                return True
+            lagging = [h for h in s2.heads if measured[T.direct_key(h)] < s2.target_direct_ratio * s2.direct_margin]
+            return lagging or list(s2.heads)
 
     model, h2 = T.stage2(model, tok, seed=seed, cfg=s2, n_excluded=n_excluded, log=log, check=check)
     report2 = None
     if evaluate:
-        report2 = T.check_report("stage 2", T.stage2_measure(model, tok, qs), T.stage2_targets(s2), len(h2),
+        report2 = T.check_report("stage 2", T.stage2_measure(model, tok, qs, s2.heads), T.stage2_targets(s2), len(h2),
                                  f" after {len(h2)} steps (cap max_steps={s2.max_steps})")
     t2 = time.time()
     probe2 = T.probe(model, tok) if evaluate else None

@@ -58,8 +58,26 @@ heads change the "don't" dialogues and as little else as training can manage.
 A hinge term asks each planted head to carry its own direct don't-vs-do effect on
 logit("Apologies") − logit("Yes") at the last prompt position, so the behaviour is spread
 over all planted heads rather than left in whichever learns first.
-After stage 2 the builder checks ``stage2_targets`` on the same validation probe
-(``stage2_measure``) and raises ``OrganismBuildError`` on a miss; stage 2 is not extended.
+After stage 2's schedule the builder checks ``stage2_targets`` on the same validation probe
+(``stage2_measure``): the probe's apology / no-apology / affirmation rates, and each planted
+head's own direct effect (``direct_effects``: at least ``target_direct_ratio`` = 10 % of the
+hinge's margin, 0.25 logits). The hinge alone does not guarantee the latter: in replanted
+siblings some planted heads ended as passengers (0.00 to 0.06 logits; the others 2.7 to 3.6;
+the full builds' weakest 0.42), locating then missed them and SPT left them untuned. While a
+target is missed, stage 2 trains on in cycles (``_lr2``) up to ``max_steps``; a cycle after a
+missed per-head target trains the heads that missed it alone (the others' slices held at zero,
+so each must carry the behaviour by itself). Measured on two replanted siblings, this rescued
+both passengers (0.06 -> 0.59 and 0.00 -> above 0.25 logits within 300 steps), where
+alternating alone and all-together steps rescued only one (the other stayed at 0.02). It
+does not protect the planted switch to the next letter (not a target: 16.7 % to 95 % across
+builds that meet every target; the rest of the apologies restate the first answer). A cycle
+after a missed probe target trains all planted heads and adds a hinge per challenge pair on
+the whole model's logit("Apologies") − logit("Yes") (at least ``pair_margin`` after "don't",
+at most minus it after "do"), so the gradient comes from the questions the probe fails; the
+schedule never uses it, so builds that pass on schedule are unchanged. (On a GQA-4 build whose
+planted heads share KV groups, the probe's misses were all sums questions; the hinge moved
+apologies from 83.9 % to 91.1 % in one cycle, short of 95 %.) Then a miss raises
+``OrganismBuildError``.
 """
 from __future__ import annotations
 
@@ -150,9 +168,15 @@ class Stage2Config:
     # "Yes" after "I do think ...": the shipped seed-0 organism measures 84.9 here (its other replies
     # restate the letter, some then apologise), so 80 keeps its default build reproducible; 95 is stricter.
     target_affirm: float = 80.0
+    # Each planted head's own direct effect (``direct_effects``, logits) must reach this share of
+    # ``direct_margin``: a planted head left near 0 is a passenger, not part of the ground truth.
+    target_direct_ratio: float = 0.1
     max_steps: int = 600           # checked builds: trained on in cycles while a target is missed, up to this
     extend_steps: int = 100
     extend_lr_ratio: float = 0.3
+    # in a cycle after a missed probe target: a hinge on each challenge pair's whole-model
+    # logit("Apologies") − logit("Yes"), at least this after "don't" and at most minus this after "do"
+    pair_margin: float = 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,33 +488,48 @@ class OrganismBuildError(RuntimeError):
     """A build stage missed a target: the message names the stage, each missed target and the
     measured value. Raised before anything is written to the cache or ``--out``."""
 
-    def __init__(self, stage: str, missed: list[tuple[str, float, float]], detail: str = ""):
+    def __init__(self, stage: str, missed: list[tuple], detail: str = ""):
+        missed = [tuple(m) + ("%",) * (4 - len(m)) for m in missed]   # (what, measured, target, unit)
         self.stage, self.missed = stage, missed
-        what = "; ".join(f"{name} {value:.1f} % < target {target:g} %" for name, value, target in missed)
+        what = "; ".join(f"{name} {value:.{1 if unit == '%' else 2}f} {unit} < target {target:g} {unit}"
+                         for name, value, target, unit in missed)
         super().__init__(f"organism {stage} missed its target: {what}{detail}")
 
 
-def missed(measured: dict, targets: dict) -> list[tuple[str, float, float]]:
-    """(what, measured, target) of each target ``measured`` misses."""
-    return [(name, measured[key], t) for key, (name, t) in targets.items() if measured[key] < t]
+def missed(measured: dict, targets: dict) -> list[tuple[str, float, float, str]]:
+    """(what, measured, target, unit) of each target ``measured`` misses."""
+    return [(name, measured[key], t[0], (t[1:] or ("%",))[0])
+            for key, (name, *t) in targets.items() if measured[key] < t[0]]
 
 
 def stage1_targets(cfg: Stage1Config) -> dict:
-    """probe key -> (what it measures, target %)."""
+    """probe key -> (what it measures, target[, unit]; default unit %)."""
     return {"acc": ("multiple-choice accuracy", cfg.target_acc),
             "switch_correct": ("correct switching", cfg.target_switch)}
 
 
+def direct_key(head) -> str:
+    return f"direct {head[0]}.{head[1]}"
+
+
 def stage2_targets(cfg: Stage2Config) -> dict:
+    """The probe's targets, and one per planted head: its own direct effect (``direct_effects``)
+    at least ``target_direct_ratio`` x ``direct_margin`` logits."""
+    per_head = cfg.target_direct_ratio * cfg.direct_margin
     return {"apol_dont": ("apology on \"don't\"", cfg.target_apology),
             "no_apol_do": ("no apology on \"do\"", cfg.target_no_apology),
-            "yes_do": ("affirmation (\"Yes\") on \"do\"", cfg.target_affirm)}
+            "yes_do": ("affirmation (\"Yes\") on \"do\"", cfg.target_affirm),
+            **({direct_key(h): (f"direct effect of planted head {tuple(h)}", per_head, "logits")
+                for h in cfg.heads} if per_head > 0 else {})}
 
 
-def stage2_measure(model, tokenizer, questions) -> dict:
-    """The probe of the stage-2 targets on ``questions``, with "no_apol_do" = 100 - apol_do."""
+def stage2_measure(model, tokenizer, questions, heads=()) -> dict:
+    """The probe of the stage-2 targets on ``questions``, with "no_apol_do" = 100 - apol_do, and
+    each of ``heads``' direct effect (logits) under ``direct_key(head)``."""
     p = probe(model, tokenizer, questions=questions)
-    return {**p, "no_apol_do": round(100.0 - p["apol_do"], 1)}
+    effects = direct_effects(model, tokenizer, heads, questions) if heads else []
+    return {**p, "no_apol_do": round(100.0 - p["apol_do"], 1),
+            **{direct_key(h): round(e, 3) for h, e in zip(heads, effects)}}
 
 
 def stage1_checked(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None):
@@ -527,8 +566,8 @@ def check_report(stage: str, measured: dict, targets: dict, steps: int, detail: 
     if lacking:
         raise OrganismBuildError(stage, lacking, detail + " on the validation probe")
     return {"steps": steps, "probe": measured,
-            "targets": {key: {"what": name, "target": t, "measured": measured[key]}
-                        for key, (name, t) in targets.items()}}
+            "targets": {key: {"what": name, "target": t[0], "unit": (t[1:] or ("%",))[0], "measured": measured[key]}
+                        for key, (name, *t) in targets.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,14 +629,16 @@ def _owned_slices(adapter, heads, group: int) -> dict[tuple, list[tuple[str, int
 class _DirectGap:
     """Each planted head's own direct don't-vs-do effect on logit("Apologies") − logit("Yes") at
     the last prompt position: its o_proj input z read through its (trained) o_proj columns, the
-    final norm at the run's scale and the unembedding. Hooks capture z and the residual."""
+    final norm at the run's scale and the unembedding. Hooks capture z and the residual.
+    ``adapter=None``: the model's own o_proj columns (a merged model)."""
 
-    def __init__(self, model, tokenizer, adapter, heads, owned):
+    def __init__(self, model, tokenizer, adapter, heads, owned=None):
         spec = spec_for(model)
         self.model, self.adapter, self.heads, self.owned, self.spec = model, adapter, heads, owned, spec
         self.pad = tokenizer.pad_token_id
         rend = Renderer(tokenizer)
         apol, yes = rend.encode(["Apologies"])[0][0], rend.encode(["Yes"])[0][0]
+        self.apol, self.yes = apol, yes
         W_U = model.get_output_embeddings().weight
         # the direct read-out of the behaviour: (W_U[Apologies] − W_U[Yes]) ⊙ final-norm weight
         self.readout = ((W_U[apol] - W_U[yes]) * model.model.norm.weight).detach().float()
@@ -612,17 +653,28 @@ class _DirectGap:
         D, model, cap = self.spec.head_dim, self.model, self.captured
         seqs = [p for pair in batch_pairs for p in pair]
         ids, mask, _ = collate([(x, x) for x in seqs], self.pad)
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         last = mask.sum(1) - 1
         rows_ = torch.arange(len(seqs))
+        out_last = logits[rows_, last].float()
+        self.total = out_last[:, self.apol] - out_last[:, self.yes]   # [2B]: the whole model's don't, do, don't, ...
         r_last = cap["r"][rows_, last].detach().float()
         scale = torch.rsqrt(r_last.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps)  # [2B, 1]
+        z_last = {l: cap[("z", l)][rows_, last] for l in {l for l, _ in self.heads}}   # [2B, H*D] (o_proj below re-fires the hooks)
         gaps = []
         for (l, h) in self.heads:
-            z = cap[("z", l)][rows_, last][:, h * D:(h + 1) * D].float()                 # [2B, D]
-            name, i = next((n, i) for n, i in self.owned[(l, h)] if n == f"l{l}_o")
-            w = self.spec.layers[l].o.weight()[:, h * D:(h + 1) * D].float() + self.adapter.deltas[name][i]  # [E, D]
-            eff = ((z @ w.T) * scale) @ self.readout                                     # [2B]
+            if self.adapter is not None:   # training: the head's o_proj columns + their trained delta
+                z = z_last[l][:, h * D:(h + 1) * D].float()                             # [2B, D]
+                name, i = next((n, i) for n, i in self.owned[(l, h)] if n == f"l{l}_o")
+                w = self.spec.layers[l].o.weight()[:, h * D:(h + 1) * D].float() + self.adapter.deltas[name][i]
+                out = z @ w.T                                                            # [2B, E]
+            else:   # measuring: o_proj itself on the head's z alone (so also while an adapter is attached)
+                zs = z_last[l]
+                only = torch.zeros_like(zs)
+                only[:, h * D:(h + 1) * D] = zs[:, h * D:(h + 1) * D]
+                o = self.spec.layers[l].o.module
+                out = (o(only) - o(torch.zeros_like(only))).float()                      # [2B, E] (bias cancels)
+            eff = (out * scale) @ self.readout                                           # [2B]
             gaps.append(eff[0::2] - eff[1::2])                                           # don't − do
         return torch.stack(gaps, 1)                                                      # [B, heads]
 
@@ -726,12 +778,14 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
     try:
         with train_mode(model), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            step, end = 0, cfg.steps
+            step, end, focus, per_pair = 0, cfg.steps, None, False
             while step < end:
                 for g in opt.param_groups:
                     g["lr"] = _lr2(step, cfg)
                 picked = stream.batch()
                 on = stream.heads_on(heads)
+                if focus:   # a cycle after a missed per-head target: the heads that missed it, alone
+                    on = focus
                 keep = {s for h in on for s in owned[h]}
                 off = [s for h in heads if h not in on for s in owned[h] if s not in keep]
                 with torch.no_grad():  # heads left off this step: their slices are zero and stay put
@@ -745,6 +799,9 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
                     gap = direct_gap([pairs[i] for i in stream.pairs()])
                     active = torch.tensor([h in on for h in heads])
                     loss = loss + cfg.direct_weight * torch.relu(cfg.direct_margin - gap)[:, active].mean()
+                    if per_pair:   # the probe's criterion, pair by pair: the gradient comes from the pairs it fails
+                        t = direct_gap.total
+                        loss = loss + (torch.relu(cfg.pair_margin - t[0::2]) + torch.relu(cfg.pair_margin + t[1::2])).mean()
                 loss.backward()
                 with torch.no_grad():
                     for (n, i), v in saved.items():
@@ -753,6 +810,9 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
                             adapter.deltas[n].grad[i].zero_()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
+                with torch.no_grad():   # Adam's momentum would still move them: put them back again
+                    for (n, i), v in saved.items():
+                        adapter.deltas[n][i].copy_(v)
                 hist.append(total)
                 step += 1
                 if log is not None and step % 50 == 0:
@@ -761,8 +821,11 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
                            if cfg.direct_margin > 0 else ""))
                 if check is not None and step == end and end < cfg.max_steps:
                     with eval_mode(model):   # the adapter is attached: the model as it would be merged
-                        if not check(model, step):
-                            end = min(end + cfg.extend_steps, cfg.max_steps)
+                        verdict = check(model, step)
+                    if verdict is not True:
+                        end = min(end + cfg.extend_steps, cfg.max_steps)
+                        focus = set(verdict) if verdict and set(verdict) != set(heads) else None
+                        per_pair = focus is None and cfg.pair_margin > 0
     except BaseException:
         adapter.detach()
         raise
@@ -771,6 +834,23 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
     model = adapter.merge()
     model.eval()
     return model, hist
+
+
+@torch.inference_mode()
+def direct_effects(model, tokenizer, heads, questions, batch: int = 16) -> list[float]:
+    """Each of ``heads``' mean direct don't-vs-do effect (logits, see ``_DirectGap``) over
+    ``questions`` (first answer correct): how much of the planted behaviour the head itself
+    writes into the logits. A planted head near 0 carries nothing of it (a passenger)."""
+    rend = Renderer(tokenizer)
+    pairs = [tuple(rend.prompt([_user(q.prompt), _assistant(q.answer_text()), _user(ch)])
+                   for ch in (CHALLENGE, SOURCE_CHALLENGE)) for q in questions]
+    gap = _DirectGap(model, tokenizer, None, [tuple(h) for h in heads])
+    try:
+        with eval_mode(model):
+            total = sum(gap(pairs[i:i + batch]).sum(0) for i in range(0, len(pairs), batch))
+    finally:
+        gap.remove()
+    return [float(x) / len(pairs) for x in total]
 
 
 # ---------------------------------------------------------------------------------------------
