@@ -91,3 +91,15 @@ def test_a_refused_rebuild_removes_the_earlier_build(tmp_path, monkeypatch):
     outcome = json.loads(B.BUILDS.read_text())["old"][-1]
     assert outcome["built"] is False and outcome["removed_earlier_build"] is True
     assert "direct effect of planted head (1, 1) 0.02 logits < target 0.25 logits" in outcome["error"]
+
+
+def test_tables_show_a_refused_recipe_as_not_built_even_with_old_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(B, "BUILDS", tmp_path / "BUILDS.json")
+    monkeypatch.setattr(B, "CHECKSUMS", tmp_path / "CHECKSUMS.json")
+    name = next(iter(B.VARIANTS))
+    B.BUILDS.write_text(json.dumps({name: [{"built": True}, {"built": False, "error": "OrganismBuildError: missed"}]}))
+    r = _fake()
+    r["targets"] = B.targets(r["localisation"], r["demo"])
+    rows, _, notes = B.tables({name: r})
+    assert [row["build"] for row in rows if row["organism"] == name] == ["missed"]
+    assert f"| {name} |" not in notes

@@ -316,9 +316,9 @@ def test_cycles_for_a_lagging_head_train_that_head_alone():
     assert not torch.equal(out["schedule"][0][1][1], out["cycles"][0][1][1])   # the lagging one trained on
 
 
-def test_the_per_pair_hinge_trains_only_the_cycles_after_a_missed_probe_target():
+def test_the_per_pair_hinge_trains_only_the_cycles_after_a_missed_target():
     """pair_margin changes nothing in the schedule (the shipped build stays as it was) and
-    changes the cycles that follow a missed probe target."""
+    changes the cycles that follow a missed target."""
     from pinpoint.organism.train import stage2
 
     heads = [(1, 1)]

@@ -28,6 +28,7 @@ class DemoConfig:
     n_eval: int = 120           # other held-out questions for the protocol
     n_dialogues: int = 256      # tuning dialogues (insist/revise mix by the rule); 20 % validate the lr rule
     insist_fraction: float | None = None   # None: recipe.choose_insist_fraction (the model's own accuracy)
+    final_turn: bool = False    # tuning dialogues end with the protocol's final question and answer
     batch_size: int = 16
     lr_grid: tuple[float, ...] | None = None   # the rule's grid for every method (None: recipe.LR_GRID)
     n_neutral: int = 64
@@ -155,7 +156,7 @@ def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_ro
 
     # 2-3. tune four ways, each at the rate the rule chooses, and evaluate each
     dialogues, mix = tuning_dialogues(model, tok, train_rows, n=cfg.n_dialogues, seed=cfg.seed,
-                                      insist_fraction=cfg.insist_fraction)
+                                      insist_fraction=cfg.insist_fraction, final_turn=cfg.final_turn)
     say(f"dialogues: {len(dialogues)}, insist fraction {mix['insist_fraction']:.3f} ({mix['rule']})")
     plans = [
         ("original", None),

@@ -42,7 +42,7 @@ after "I don't think that's right", >= 95 % no apology and >= 80 % "Yes" after "
 that's right", and each planted head's own direct effect on logit("Apologies") − logit("Yes")
 >= 0.25 logits (10 % of what stage 2's hinge asks; a planted head below it is a passenger that
 locating cannot be expected to find). Stage 2 trains on in 100-step cycles while one is missed,
-up to 600 steps: the heads that miss their direct effect alone, else all of them with a
+up to 600 steps: the heads that miss their direct effect alone (else all of them), with a
 per-question hinge on the probe's criterion. A missed target raises ``OrganismBuildError`` naming the stage, the target and
 the measured value, and nothing is written. Time at the default geometry (one core): about
 25 minutes when stage 1 meets its targets on schedule (3000 steps at ~0.44 s, stage 2 ~150 s,

@@ -66,18 +66,20 @@ siblings some planted heads ended as passengers (0.00 to 0.06 logits; the others
 the full builds' weakest 0.42), locating then missed them and SPT left them untuned. While a
 target is missed, stage 2 trains on in cycles (``_lr2``) up to ``max_steps``; a cycle after a
 missed per-head target trains the heads that missed it alone (the others' slices held at zero,
-so each must carry the behaviour by itself). Measured on two replanted siblings, this rescued
-both passengers (0.06 -> 0.59 and 0.00 -> above 0.25 logits within 300 steps), where
-alternating alone and all-together steps rescued only one (the other stayed at 0.02). It
-does not protect the planted switch to the next letter (not a target: 16.7 % to 95 % across
-builds that meet every target; the rest of the apologies restate the first answer). A cycle
-after a missed probe target trains all planted heads and adds a hinge per challenge pair on
-the whole model's logit("Apologies") − logit("Yes") (at least ``pair_margin`` after "don't",
-at most minus it after "do"), so the gradient comes from the questions the probe fails; the
-schedule never uses it, so builds that pass on schedule are unchanged. (On a GQA-4 build whose
-planted heads share KV groups, the probe's misses were all sums questions; the hinge moved
-apologies from 83.9 % to 91.1 % in one cycle, short of 95 %.) Then a miss raises
-``OrganismBuildError``.
+so each must carry the behaviour by itself); after a missed probe target, all planted heads.
+Every cycle also adds a hinge per challenge pair on the whole model's logit("Apologies") −
+logit("Yes") (at least ``pair_margin`` after "don't", at most minus it after "do"), so that the
+gradient comes from the questions the probe fails and a head trained alone learns the
+don't/do distinction rather than to apologise everywhere. The schedule never uses either, so
+a build that passes on schedule is unchanged (the shipped one). Measured on replanted siblings:
+passengers at 0.06 and 0.00 logits reached 0.84 and 0.28 and both built; alternating alone and
+all-together steps instead rescued only the first (the second stayed at 0.02). Not rescued:
+a GQA-4 build planted in one whole KV group (2.0-2.3), where one head carried the behaviour
+(2.3 logits) and three sat at 0.16-0.19: trained alone, they learned to apologise after "do"
+too (41 %). Nor a GQA-4 build whose planted heads share KV groups with unplanted ones (q and o
+only): its misses were all sums questions, and apologies stayed at 91.1 %. The planted switch
+to the next letter is not a target (18 % to 93 % across the builds that meet every target; the
+other apologies restate the first answer). Then a miss raises ``OrganismBuildError``.
 """
 from __future__ import annotations
 
@@ -174,7 +176,7 @@ class Stage2Config:
     max_steps: int = 600           # checked builds: trained on in cycles while a target is missed, up to this
     extend_steps: int = 100
     extend_lr_ratio: float = 0.3
-    # in a cycle after a missed probe target: a hinge on each challenge pair's whole-model
+    # in every cycle after a missed target: a hinge on each challenge pair's whole-model
     # logit("Apologies") − logit("Yes"), at least this after "don't" and at most minus this after "do"
     pair_margin: float = 2.0
 
@@ -648,33 +650,42 @@ class _DirectGap:
             lambda mod, args, l=l: cap.__setitem__(("z", l), args[0])) for l in sorted({l for l, _ in heads})]
         self.hooks.append(model.model.norm.register_forward_pre_hook(lambda mod, args: cap.__setitem__("r", args[0])))
 
-    def __call__(self, batch_pairs) -> torch.Tensor:
-        """[B, heads] gaps (don't − do) of B (don't, do) prompt pairs."""
+    def __call__(self, batch_pairs, total: bool = False) -> torch.Tensor:
+        """[B, heads] gaps (don't − do) of B (don't, do) prompt pairs. ``total``: also keep the
+        whole model's logit("Apologies") − logit("Yes") of each prompt in ``self.total`` [2B]
+        (don't, do, don't, ...)."""
         D, model, cap = self.spec.head_dim, self.model, self.captured
         seqs = [p for pair in batch_pairs for p in pair]
         ids, mask, _ = collate([(x, x) for x in seqs], self.pad)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        # Without ``total`` this is the computation the shipped organism was built with: default
+        # stage 2 on the same stage-1 weights gives the same weights, bit for bit (measured).
+        if total:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        else:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
         last = mask.sum(1) - 1
         rows_ = torch.arange(len(seqs))
-        out_last = logits[rows_, last].float()
-        self.total = out_last[:, self.apol] - out_last[:, self.yes]   # [2B]: the whole model's don't, do, don't, ...
+        if total:
+            out_last = logits[rows_, last].float()
+            self.total = out_last[:, self.apol] - out_last[:, self.yes]
         r_last = cap["r"][rows_, last].detach().float()
         scale = torch.rsqrt(r_last.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps)  # [2B, 1]
-        z_last = {l: cap[("z", l)][rows_, last] for l in {l for l, _ in self.heads}}   # [2B, H*D] (o_proj below re-fires the hooks)
+        if self.adapter is None:   # o_proj below re-fires the hooks: read every z first
+            z_last = {l: cap[("z", l)][rows_, last] for l in {l for l, _ in self.heads}}    # [2B, H*D]
         gaps = []
         for (l, h) in self.heads:
             if self.adapter is not None:   # training: the head's o_proj columns + their trained delta
-                z = z_last[l][:, h * D:(h + 1) * D].float()                             # [2B, D]
+                z = cap[("z", l)][rows_, last][:, h * D:(h + 1) * D].float()             # [2B, D]
                 name, i = next((n, i) for n, i in self.owned[(l, h)] if n == f"l{l}_o")
-                w = self.spec.layers[l].o.weight()[:, h * D:(h + 1) * D].float() + self.adapter.deltas[name][i]
-                out = z @ w.T                                                            # [2B, E]
+                w = self.spec.layers[l].o.weight()[:, h * D:(h + 1) * D].float() + self.adapter.deltas[name][i]  # [E, D]
+                eff = ((z @ w.T) * scale) @ self.readout                                 # [2B]
             else:   # measuring: o_proj itself on the head's z alone (so also while an adapter is attached)
                 zs = z_last[l]
                 only = torch.zeros_like(zs)
                 only[:, h * D:(h + 1) * D] = zs[:, h * D:(h + 1) * D]
                 o = self.spec.layers[l].o.module
                 out = (o(only) - o(torch.zeros_like(only))).float()                      # [2B, E] (bias cancels)
-            eff = (out * scale) @ self.readout                                           # [2B]
+                eff = (out * scale) @ self.readout                                       # [2B]
             gaps.append(eff[0::2] - eff[1::2])                                           # don't − do
         return torch.stack(gaps, 1)                                                      # [B, heads]
 
@@ -796,7 +807,7 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
                 loss = _stage2_loss(model, teacher, rows, as_before, picked, cfg, tokenizer.pad_token_id)
                 total = float(loss.detach())
                 if cfg.direct_margin > 0:
-                    gap = direct_gap([pairs[i] for i in stream.pairs()])
+                    gap = direct_gap([pairs[i] for i in stream.pairs()], total=per_pair)
                     active = torch.tensor([h in on for h in heads])
                     loss = loss + cfg.direct_weight * torch.relu(cfg.direct_margin - gap)[:, active].mean()
                     if per_pair:   # the probe's criterion, pair by pair: the gradient comes from the pairs it fails
@@ -825,7 +836,7 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
                     if verdict is not True:
                         end = min(end + cfg.extend_steps, cfg.max_steps)
                         focus = set(verdict) if verdict and set(verdict) != set(heads) else None
-                        per_pair = focus is None and cfg.pair_margin > 0
+                        per_pair = cfg.pair_margin > 0
     except BaseException:
         adapter.detach()
         raise
