@@ -77,7 +77,8 @@ all-together steps instead rescued only the first (the second stayed at 0.02). N
 a GQA-4 build planted in one whole KV group (2.0-2.3), where one head carried the behaviour
 (2.3 logits) and three sat at 0.16-0.19: trained alone, they learned to apologise after "do"
 too (41 %). Nor a GQA-4 build whose planted heads share KV groups with unplanted ones (q and o
-only): its misses were all sums questions, and apologies stayed at 91.1 %. The planted switch
+only): the 12 of its 20 misses that I read were all sums questions, and apologies stayed at
+91.1 %. The planted switch
 to the next letter is not a target (18 % to 93 % across the builds that meet every target; the
 other apologies restate the first answer). Then a miss raises ``OrganismBuildError``.
 """
