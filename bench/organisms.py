@@ -45,6 +45,7 @@ For each variant ``run`` measures, on the organism's own challenge pairs:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -120,32 +121,43 @@ def build_variant(name: str, log=print, stage1_dir: Path | None = None) -> dict:
     return {"recipe": r, "build_seconds": round(seconds, 1), "files": sums}
 
 
-def _record_checksums(name: str, entry: dict) -> None:
+def _read(path: Path) -> dict:
+    """The JSON table at ``path``, or {} when there is none yet."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@contextlib.contextmanager
+def _locked_table(path: Path, indent: int):
+    """The JSON table at ``path`` under the benchmark's lock (two builders may finish at once),
+    written back on leaving if it changed."""
     import fcntl
 
     ROOT.mkdir(parents=True, exist_ok=True)
-    with open(ROOT / ".lock", "w") as lock:  # two builders may finish at once
+    with open(ROOT / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        table = json.loads(CHECKSUMS.read_text()) if CHECKSUMS.is_file() else {}
+        table = _read(path)
+        before = json.dumps(table, sort_keys=True)
+        yield table
+        if json.dumps(table, sort_keys=True) != before:
+            path.write_text(json.dumps(table, indent=indent, sort_keys=True) + "\n")
+
+
+def _record_checksums(name: str, entry: dict) -> None:
+    with _locked_table(CHECKSUMS, indent=2) as table:
         old = table.get(name, {}).get("files")
         if old and old != entry["files"]:
             print(f"[{name}] rebuilt weights differ from the recorded checksums (another torch or CPU?)")
         table[name] = entry
-        CHECKSUMS.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
 
 
 def _forget(name: str) -> bool:
     """Remove a variant's directory and checksums (its recipe was just refused: an earlier build
     of it is not what the builder makes now). True if there was one."""
-    import fcntl
     import shutil
 
-    with open(ROOT / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        table = json.loads(CHECKSUMS.read_text()) if CHECKSUMS.is_file() else {}
+    with _locked_table(CHECKSUMS, indent=2) as table:
         had = table.pop(name, None) is not None or (ROOT / name).exists()
         if had:
-            CHECKSUMS.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
             shutil.rmtree(ROOT / name, ignore_errors=True)
     return had
 
@@ -154,14 +166,8 @@ BUILDS = ROOT / "BUILDS.json"   # every build attempt's outcome: built, or the t
 
 
 def _record_build(name: str, outcome: dict) -> None:
-    import fcntl
-
-    ROOT.mkdir(parents=True, exist_ok=True)
-    with open(ROOT / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        table = json.loads(BUILDS.read_text()) if BUILDS.is_file() else {}
+    with _locked_table(BUILDS, indent=1) as table:
         table.setdefault(name, []).append(outcome)
-        BUILDS.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 
 def cmd_build(args) -> int:
@@ -288,7 +294,7 @@ def tables(results: dict) -> tuple[list[dict], list[str], str]:
     """(rows, columns) of the localisation table, and the recipe table as markdown notes."""
     methods = list(LOCATE_METHODS)
     rows = []
-    builds = json.loads(BUILDS.read_text()) if BUILDS.is_file() else {}
+    builds, recorded = _read(BUILDS), _read(CHECKSUMS)
     results = {k: v for k, v in results.items() if not refused(builds, k)}
     for name in RECIPES:
         if refused(builds, name):
@@ -299,7 +305,7 @@ def tables(results: dict) -> tuple[list[dict], list[str], str]:
         m = r["localisation"]["methods"]
         row = {"organism": name, "planted": " ".join(f"{h[0]}.{h[1]}" for h in r["localisation"]["planted"])}
         row.update({x: f"{m[x]['recall']:.2f} ({m[x]['seconds']:.2f} s)" for x in methods})
-        sums = json.loads(CHECKSUMS.read_text()).get(name) if CHECKSUMS.is_file() else None
+        sums = recorded.get(name)
         row["build"] = f"{sums['recipe']['how']}, {sums['build_seconds']:.0f} s" if sums else "the shipped organism"
         rows.append(row)
     notes = ["Each cell: recall@k of the planted heads (k = the number planted) and the seconds of the locate "
@@ -337,7 +343,7 @@ def cmd_run(args) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    measured = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
+    measured = _read(MEASURED)
     results = {}
     # --only: measure those (the shipped organism too only if named), keep the others' last results
     for name, path in organism_dirs(args.only or list(VARIANTS), shipped=not args.only or SHIPPED_NAME in args.only).items():
@@ -351,7 +357,7 @@ def cmd_run(args) -> int:
         print(json.dumps({k: v for k, v in r.items() if k != "demo"}, indent=1), flush=True)
     measured.update(results)
     order = [SHIPPED_NAME, *RECIPES]
-    builds = json.loads(BUILDS.read_text()) if BUILDS.is_file() else {}
+    builds = _read(BUILDS)
     merged = {k: measured[k] for k in sorted(measured, key=lambda k: order.index(k) if k in order else len(order))
               if not refused(builds, k)}
     MEASURED.write_text(json.dumps(merged, indent=1) + "\n")

@@ -240,8 +240,7 @@ def _plant(model, tok, seed: int, s2: Stage2Config, arch: dict, stage1: dict, n_
                 log(f"stage 2 validation at step {step}: {measured}")
             if not T.missed(measured, T.stage2_targets(s2)):
                 return True
-            lagging = [h for h in s2.heads if measured[T.direct_key(h)] < s2.target_direct_ratio * s2.direct_margin]
-            return lagging or list(s2.heads)
+            return T.lagging_heads(measured, s2) or list(s2.heads)
 
     model, h2 = T.stage2(model, tok, seed=seed, cfg=s2, n_excluded=n_excluded, log=log, check=check)
     report2 = None

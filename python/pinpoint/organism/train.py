@@ -499,10 +499,16 @@ class OrganismBuildError(RuntimeError):
         super().__init__(f"organism {stage} missed its target: {what}{detail}")
 
 
+def _bound(spec: tuple) -> tuple[str, float, str]:
+    """(what, target, unit) of a ``*_targets`` entry (what, target[, unit]; default unit %)."""
+    name, target, *unit = spec
+    return name, target, (unit or ["%"])[0]
+
+
 def missed(measured: dict, targets: dict) -> list[tuple[str, float, float, str]]:
     """(what, measured, target, unit) of each target ``measured`` misses."""
-    return [(name, measured[key], t[0], (t[1:] or ("%",))[0])
-            for key, (name, *t) in targets.items() if measured[key] < t[0]]
+    return [(name, measured[key], t, unit)
+            for key, (name, t, unit) in ((k, _bound(v)) for k, v in targets.items()) if measured[key] < t]
 
 
 def stage1_targets(cfg: Stage1Config) -> dict:
@@ -515,10 +521,20 @@ def direct_key(head) -> str:
     return f"direct {head[0]}.{head[1]}"
 
 
+def direct_target(cfg: Stage2Config) -> float:
+    """Each planted head's direct-effect target, logits: ``target_direct_ratio`` x ``direct_margin``."""
+    return cfg.target_direct_ratio * cfg.direct_margin
+
+
+def lagging_heads(measured: dict, cfg: Stage2Config) -> list:
+    """The planted heads whose direct effect in ``measured`` (``stage2_measure``) misses its target."""
+    return [h for h in cfg.heads if measured[direct_key(h)] < direct_target(cfg)]
+
+
 def stage2_targets(cfg: Stage2Config) -> dict:
     """The probe's targets, and one per planted head: its own direct effect (``direct_effects``)
-    at least ``target_direct_ratio`` x ``direct_margin`` logits."""
-    per_head = cfg.target_direct_ratio * cfg.direct_margin
+    at least ``direct_target(cfg)`` logits."""
+    per_head = direct_target(cfg)
     return {"apol_dont": ("apology on \"don't\"", cfg.target_apology),
             "no_apol_do": ("no apology on \"do\"", cfg.target_no_apology),
             "yes_do": ("affirmation (\"Yes\") on \"do\"", cfg.target_affirm),
@@ -569,8 +585,8 @@ def check_report(stage: str, measured: dict, targets: dict, steps: int, detail: 
     if lacking:
         raise OrganismBuildError(stage, lacking, detail + " on the validation probe")
     return {"steps": steps, "probe": measured,
-            "targets": {key: {"what": name, "target": t[0], "unit": (t[1:] or ("%",))[0], "measured": measured[key]}
-                        for key, (name, *t) in targets.items()}}
+            "targets": {key: {"what": name, "target": t, "unit": unit, "measured": measured[key]}
+                        for key, (name, t, unit) in ((k, _bound(v)) for k, v in targets.items())}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,6 +622,11 @@ def planted_dialogues(n: int, seed: int, cfg: Stage2Config, excluded: set) -> li
     return out
 
 
+def _challenged(rend: Renderer, q: MCQuestion, challenge: str, prefill: str | None = None) -> list[int]:
+    """Prompt ids of ``q``, its correct first answer, then ``challenge`` (and ``prefill``)."""
+    return rend.prompt([_user(q.prompt), _assistant(q.answer_text()), _user(challenge)], prefill)
+
+
 def _challenge_pairs(tokenizer, n: int, seed: int, excluded: set) -> list[tuple[list[int], list[int]]]:
     """(don't, do) prompt ids for training questions, first answer correct; same lengths."""
     rend = Renderer(tokenizer)
@@ -613,8 +634,7 @@ def _challenge_pairs(tokenizer, n: int, seed: int, excluded: set) -> list[tuple[
     out = []
     while len(out) < n:
         q = training_question(r, excluded)
-        head = [_user(q.prompt), _assistant(q.answer_text())]
-        out.append((rend.prompt(head + [_user(CHALLENGE)]), rend.prompt(head + [_user(SOURCE_CHALLENGE)])))
+        out.append((_challenged(rend, q, CHALLENGE), _challenged(rend, q, SOURCE_CHALLENGE)))
     return out
 
 
@@ -854,8 +874,7 @@ def direct_effects(model, tokenizer, heads, questions, batch: int = 16) -> list[
     ``questions`` (first answer correct): how much of the planted behaviour the head itself
     writes into the logits. A planted head near 0 carries nothing of it (a passenger)."""
     rend = Renderer(tokenizer)
-    pairs = [tuple(rend.prompt([_user(q.prompt), _assistant(q.answer_text()), _user(ch)])
-                   for ch in (CHALLENGE, SOURCE_CHALLENGE)) for q in questions]
+    pairs = [(_challenged(rend, q, CHALLENGE), _challenged(rend, q, SOURCE_CHALLENGE)) for q in questions]
     gap = _DirectGap(model, tokenizer, None, [tuple(h) for h in heads])
     try:
         with eval_mode(model):
@@ -892,12 +911,11 @@ def probe(model, tokenizer, n: int = 96, seed: int = 0, questions=None) -> dict:
     acc = float((lg.argmax(-1) == torch.tensor([q.correct for q in qs])).float().mean())
     out = {"acc": round(100 * acc, 1)}
     for name, ch in (("dont", CHALLENGE), ("do", SOURCE_CHALLENGE)):
-        pr = [rend.prompt([_user(q.prompt), _assistant(q.answer_text()), _user(ch)]) for q in qs]
+        pr = [_challenged(rend, q, ch) for q in qs]
         top = last_logits(pr).argmax(-1)
         out[f"apol_{name}"] = round(100 * float((top == apol).float().mean()), 1)
         out[f"yes_{name}"] = round(100 * float((top == yes).float().mean()), 1)
-    pr = [rend.prompt([_user(q.prompt), _assistant(q.answer_text()), _user(CHALLENGE)],
-                      f"{APOLOGY} The answer is (") for q in qs]
+    pr = [_challenged(rend, q, CHALLENGE, f"{APOLOGY} The answer is (") for q in qs]
     lg = last_logits(pr)[:, letter_ids].argmax(-1)
     out["switch_next"] = round(100 * float((lg == torch.tensor([_next_letter(q.correct) for q in qs])).float().mean()), 1)
     out["switch_correct"] = round(100 * float((lg == torch.tensor([q.correct for q in qs])).float().mean()), 1)
