@@ -66,6 +66,18 @@ def test_tune_prints_its_values_and_ctrl_c_then_resume(model_dir, heads_file, tm
     assert "lr" in lines[0] and "--overwrite to start over" in lines[0]
 
 
+def test_tune_dialogues_end_with_the_final_turn_unless_told_not_to(model_dir, heads_file, tmp_path, monkeypatch):
+    seen = []
+    real = data.spt_dialogues
+    monkeypatch.setattr(data, "spt_dialogues", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    for flag, final in (((), True), (("--no-final-turn",), False)):
+        out = tmp_path / f"spt-{final}"
+        assert _tune(model_dir, heads_file, out, "--insist-fraction", "0.5", *flag) == 0
+        assert json.loads((out / "tune.json").read_text())["dialogue_mix"]["final_turn"] is final
+        last = seen[-1]
+        assert len(last) == 8 and all((d[-2]["content"] != d.challenge) is final for d in last)
+
+
 def test_tune_full_writes_a_loadable_model_that_eval_accepts(model_dir, tmp_path, capsys):
     out = tmp_path / "sft"
     assert main(["tune", "--model", str(model_dir), "--data", ROWS, "--limit", "4", "--full", "--out", str(out),

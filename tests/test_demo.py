@@ -135,7 +135,7 @@ def test_demo_records_what_the_rule_chose(demo):
 
     _, report = demo
     loc = report["locate"]
-    assert loc["k"] == len(loc["tuned_heads"]) >= 1 and loc["k_rule"] == "recipe.choose_k"
+    assert loc["k"] == len(loc["tuned_heads"]) >= 1 and loc["k_rule"] == "recipe.choose_k_by_ablation"
     assert loc[f"recall_at_{len(organism.PLANTED_HEADS)}"] == loc["planted_recall"]
     assert set(report["recipe"]) == {"spt", "sft", "random_heads"}
     for name, r in report["recipe"].items():

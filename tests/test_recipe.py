@@ -195,8 +195,13 @@ def test_tuning_dialogues_follow_the_mix_given_or_chosen(shipped, monkeypatch):
     path, model, tok = shipped
     rows = as_rows(path / "spt_rows.jsonl")[:20]
     dialogues, mix = recipe.tuning_dialogues(model, tok, rows, n=40, insist_fraction=0.25)
-    assert mix == {"insist_fraction": 0.25, "rule": "given"}
+    assert mix == {"insist_fraction": 0.25, "rule": "given", "final_turn": True}
     assert sum(d.kind == "insist" for d in dialogues) == 10
+    # the recipe's default: each dialogue ends with the protocol's final question and the correct answer
+    assert all(d[-2]["content"] != d.challenge and d[-1]["role"] == "assistant" and d[-1]["train"] for d in dialogues)
+    bare, mix = recipe.tuning_dialogues(model, tok, rows, n=40, insist_fraction=0.25, final_turn=False)
+    assert mix["final_turn"] is False
+    assert [list(d) for d in bare] == [list(d)[:-2] for d in dialogues]
     monkeypatch.setattr(recipe, "choose_insist_fraction",
                         lambda *a, **k: recipe.InsistChoice(fraction=0.9, n_rows=20, n_correct=18))
     dialogues, mix = recipe.tuning_dialogues(model, tok, rows, n=40)
@@ -212,3 +217,49 @@ def test_insist_fraction_refuses_empty_input_and_a_bad_sample_size(shipped):
         recipe.choose_insist_fraction(model, tok, [{"prompt": [{"type": "human", "content": "Q?"}],
                                                     "base": {"dataset": "x", "question": "Q?",
                                                              "correct_answer": "A"}}], max_rows=0)
+
+
+class _Curve:   # what knockout_k reads of a KnockoutCurve
+    def __init__(self, values):
+        self.values = torch.tensor(values)
+
+
+def test_knockout_k_is_the_fewest_heads_making_90_percent_of_the_largest_fall():
+    # measured on the s3 sibling (planted 1.1 1.6 3.0 3.5): the scores kept 2 heads; the curve needs 4
+    s3 = _Curve([3.32, 3.14, 0.87, 0.02, -0.68, -0.44, -0.45, -0.62, -0.59])
+    assert recipe.knockout_k(s3) == 4
+    assert recipe.knockout_k(s3, complete=0.8) == 3            # 3.32 - 0.02 = 3.30 >= 0.8 * 4.00
+    assert recipe.knockout_k(_Curve([1.0, 1.2, 1.1])) == 0      # ablating never lowers the metric
+    assert recipe.knockout_k(_Curve([1.0, 1.2, 3.0]), largest=True) == 2   # positive heads: a rise
+    assert recipe.knockout_k(_Curve([1.0, float("nan")])) == 0
+    with pytest.raises(ValueError, match=r"complete must be in \(0, 1\], got 0"):
+        recipe.knockout_k(s3, complete=0)
+
+
+def test_choose_k_with_a_curve_never_goes_below_the_scores_and_stays_capped():
+    v = torch.zeros(4, 8)
+    v[3, 0], v[3, 5], v[1, 1], v[1, 6] = -3.3, -3.0, -0.3, -0.2   # the scores alone: the two strong heads
+    s = _scores(v)
+    assert recipe.choose_k(s) == 2
+    assert recipe.choose_k(s, curve=_Curve([3.32, 3.14, 0.87, 0.02, -0.68])) == 4
+    assert recipe.choose_k(s, curve=_Curve([3.0, -1.0, -1.0])) == 2          # the curve never lowers k
+    assert recipe.choose_k(s, curve=_Curve([10.0] + [9.0] * 20 + [0.0])) == 8   # cap: max(8, 5 % of 32)
+
+
+def test_choose_k_by_ablation_finds_heads_the_scores_rank_low(shipped):
+    """The shipped organism's four planted heads back each other up (ablating three of them
+    leaves the apology metric near its base): with scores that rank two of them high and two
+    barely above noise, the scores alone give k = 2 and the ablation check gives 4."""
+    from pinpoint.data import as_rows, challenge_pairs
+
+    path, model, tok = shipped
+    pairs = challenge_pairs(as_rows(path / "are_you_sure.jsonl")[:12], tok)
+    v = torch.zeros(4, 8)
+    v[2, 2], v[2, 3], v[2, 4], v[2, 5] = -3.0, -2.8, -0.2, -0.15
+    v[0, 0] = -0.001
+    s = _scores(v)
+    assert recipe.choose_k(s) == 2
+    k, curve = recipe.choose_k_by_ablation(model, tok, pairs, s)
+    assert curve.heads.to_list() == s.top(4).to_list()         # the window: min(2k, cap) heads in score order
+    assert k == 4 and set(s.top(k)) == {(2, 2), (2, 3), (2, 4), (2, 5)}
+    assert float(curve.values[2]) > 0.5 * float(curve.values[0])   # two of them ablated: the apology stays

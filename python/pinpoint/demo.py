@@ -3,7 +3,7 @@
 1. Locate the heads carrying sycophancy with path patching (heatmap, recall of the planted
    heads at k = number planted) and draw the knockout curve.
 2. Tune four ways on the same dialogues: SPT on the located heads (k chosen by
-   :func:`pinpoint.recipe.choose_k`), SFT (all parameters), SPT on as many random heads, and
+   :func:`pinpoint.recipe.choose_k_by_ablation`), SFT (all parameters), SPT on as many random heads, and
    nothing (the original model). Each method's learning rate and steps are chosen by the same
    rule, :func:`pinpoint.recipe.choose_lr` (one standard error on a held-out 20 % of the
    training dialogues; never the evaluation rows); report.json records each choice.
@@ -28,7 +28,7 @@ class DemoConfig:
     n_eval: int = 120           # other held-out questions for the protocol
     n_dialogues: int = 256      # tuning dialogues (insist/revise mix by the rule); 20 % validate the lr rule
     insist_fraction: float | None = None   # None: recipe.choose_insist_fraction (the model's own accuracy)
-    final_turn: bool = False    # tuning dialogues end with the protocol's final question and answer
+    final_turn: bool = True     # tuning dialogues end with the protocol's final question and answer (recipe.FINAL_TURN)
     batch_size: int = 16
     lr_grid: tuple[float, ...] | None = None   # the rule's grid for every method (None: recipe.LR_GRID)
     n_neutral: int = 64
@@ -132,7 +132,7 @@ def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_ro
     from .adapter import random_heads
     from .data import challenge_pairs
     from .locate import knockout, locate
-    from .recipe import choose_k, tuning_dialogues
+    from .recipe import choose_k_by_ablation, tuning_dialogues
 
     # 1. locate + knockout
     t0 = time.perf_counter()
@@ -141,7 +141,7 @@ def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_ro
     n_planted = len(planted)
     top = scores.top(n_planted)   # recall@(number planted): the localisation result on its own
     recall = len(set(top) & set(planted)) / n_planted
-    k = choose_k(scores)          # how many heads the recipe tunes
+    k, _ = choose_k_by_ablation(model, tok, pairs, scores)   # how many heads the recipe tunes
     tuned_heads = scores.top(k)
     scores.save(out / "scores")
     scores.plot(out / "heatmap.png", k=k, planted=planted,
@@ -169,7 +169,7 @@ def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_ro
     report = {
         "organism": {"path": None, "planted_heads": [list(h) for h in planted]},
         "locate": {"method": "path", "top_heads": top.to_list(), "planted_recall": recall,
-                   f"recall_at_{n_planted}": recall, "k": k, "k_rule": "recipe.choose_k",
+                   f"recall_at_{n_planted}": recall, "k": k, "k_rule": "recipe.choose_k_by_ablation",
                    "tuned_heads": tuned_heads.to_list(), "seconds": t_locate},
         "knockout": curve.to_dict(),
         "runs": runs,

@@ -14,6 +14,15 @@ heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
   scored the planted heads 3.28, 0.70, 0.57 and 0.41 against at most 0.02 for any other
   head, the 25 % cut kept one head, and SPT on it reached confidence 6.4; the largest drop
   (0.41 to 0.02) keeps all four. On the other organisms measured both give the same k.
+  **Checked by ablation** (:func:`choose_k_by_ablation`, what the demo, the sweep and
+  ``pinpoint locate`` use): the top ``min(2k, cap)`` heads are mean-ablated cumulatively
+  (one batched ``pp.knockout``), and k grows to the fewest whose ablation removes
+  ``COMPLETE`` (90 %) of the largest fall of the metric along that curve. Scores rank heads
+  one at a time; heads that back each other up score low alone. On a replanted sibling (s3:
+  planted 1.1 1.6 3.0 3.5) the scores alone kept 3.0 and 3.5, yet ablating them left the
+  apology metric at 0.87 of 3.32 and ablating 1.1 and 1.6 as well took it to −0.68; SPT on
+  the two heads stopped the apology (confidence 94.6) but not the switch (truthfulness 65.5).
+  On the nine organisms measured, the 90 % point of the curve is exactly the planted heads.
 * **Learning rate and steps** (:func:`choose_lr`): the training dialogues are split once
   (seeded) into a training part and a validation part (``VAL_FRACTION`` = 20 %). Steps are
   ``EPOCHS`` (4) passes over the training part at the given batch size, which is what the
@@ -44,6 +53,15 @@ heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
   (44-60 %) and confidence ranged from 25.6 to 100 over 12 settings; at 75/25 and 90/10
   confidence was 100 in 10 of 12 settings (54.7 and 84.6 for one epoch at 1e-3).
 
+* **The whole protocol in each dialogue** (``FINAL_TURN``): every tuning dialogue ends with
+  the evaluation protocol's final question and the correct final answer, after the reply to
+  the challenge. Without it no training dialogue shows the turn the truthfulness metric reads,
+  and the final answer is left to whatever the tuned heads happen to do there. Measured with
+  SPT on the located heads at the rule's rate (the demo's settings): on a sibling organism
+  with a planted head in layer 0 (s5) truthfulness went 19.2 → 91.7 with the final turn while
+  confidence stayed 100; on six other organisms it stayed within the noise of the 120
+  evaluation rows. ``final_turn=False`` gives the bare dialogues.
+
 :func:`tune_auto` is ``pp.tune`` with the learning rate (``lr="auto"``) and steps (``steps="auto"``)
 chosen by this rule; ``pinpoint tune`` without ``--lr`` uses it.
 
@@ -62,23 +80,27 @@ REL_TO_MAX = 0.25
 GAP_FLOOR = 0.01
 MAX_FRACTION = 0.05
 MIN_CAP = 8
+COMPLETE = 0.9
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
 EPOCHS = 4
 VAL_FRACTION = 0.2
 MIN_STEPS = 10
 INSIST_ROWS = 256
+FINAL_TURN = True
 REUSE_MAX_BYTES = 1 << 30   # reuse=True keeps a trial's tensors only up to this size (else: train it again)
 
 
 def choose_k(scores, *, largest: bool = False, rel: float = REL_TO_MAX, max_fraction: float = MAX_FRACTION,
-             min_cap: int = MIN_CAP, floor: float = GAP_FLOOR) -> int:
+             min_cap: int = MIN_CAP, floor: float = GAP_FLOOR, curve=None, complete: float = COMPLETE) -> int:
     """How many of ``scores.top(k, largest=largest)`` to tune, by the rule in the module
     docstring: ``largest=False`` (``top``'s default) counts heads with negative scores, the
     most negative first; ``largest=True`` positive ones. Non-finite scores never count.
 
     k = the heads above the largest relative drop between consecutive strengths (among the
     heads at least ``floor`` of the strongest, below the cap; a strength under the floor counts
-    as the floor), and never fewer than the heads at least ``rel`` of the strongest."""
+    as the floor), and never fewer than the heads at least ``rel`` of the strongest. With
+    ``curve`` (a knockout of the top heads in score order, as :func:`choose_k_by_ablation`
+    makes), never fewer than :func:`knockout_k` of it either; always within the cap."""
     values = scores.values.flatten().double()
     values = values[torch.isfinite(values)]
     strength = values if largest else -values   # > 0: the head pushes the way top() ranks
@@ -97,7 +119,47 @@ def choose_k(scores, *, largest: bool = False, rel: float = REL_TO_MAX, max_frac
         drop = ranked[i] / max(ranked[i + 1] if i + 1 < len(ranked) else 0.0, lowest)
         if drop > best:
             best, k_gap = drop, i + 1
-    return max(1, min(max(k, k_gap), cap))
+    k = max(1, min(max(k, k_gap), cap))
+    if curve is not None:
+        k = min(max(k, knockout_k(curve, largest=largest, complete=complete)), cap)
+    return k
+
+
+def knockout_k(curve, *, largest: bool = False, complete: float = COMPLETE) -> int:
+    """The fewest heads of ``curve`` (a ``KnockoutCurve``: the metric after ablating its first
+    k heads, k = 0..K) whose ablation makes ``complete`` (90 %) of the largest change along
+    the curve: a fall of the metric for heads ranked by negative scores (``largest=False``), a
+    rise for positive ones. 0 when ablating never moves the metric that way."""
+    if not 0 < complete <= 1:
+        raise ValueError(f"complete must be in (0, 1], got {complete}")
+    values = [float(v) for v in curve.values]
+    sign = -1.0 if largest else 1.0
+    change = [sign * (values[0] - v) for v in values]
+    most = max(change)
+    if not math.isfinite(most) or most <= 0:
+        return 0
+    return next(k for k, c in enumerate(change) if c >= complete * most)
+
+
+def choose_k_by_ablation(model, tokenizer, pairs, scores, *, largest: bool = False, complete: float = COMPLETE,
+                         ablation: str = "mean", progress: bool = False, knockout_kwargs: dict | None = None,
+                         **choose_kwargs):
+    """(k, curve): :func:`choose_k` checked by ablation. The top ``min(2 k, cap)`` heads by
+    score (k by the scores alone) are mean-ablated cumulatively on ``pairs`` (``pp.knockout``:
+    one batched pass), and k grows to the fewest of them whose ablation removes ``complete``
+    (90 %) of the metric's largest fall along that curve. Heads that back each other up, or
+    that matter only together, score low one at a time but show in the curve.
+    ``knockout_kwargs`` go to ``pp.knockout`` (``metric``, ``batch_size``, ...: pass the
+    metric the scores were located with)."""
+    from .locate import knockout
+
+    k0 = choose_k(scores, largest=largest, **choose_kwargs)
+    n_total = scores.values.numel()
+    cap = min(max(choose_kwargs.get("min_cap", MIN_CAP),
+                  math.ceil(choose_kwargs.get("max_fraction", MAX_FRACTION) * n_total)), n_total)
+    window = scores.top(min(max(2 * k0, k0 + 1), cap, n_total), largest=largest)
+    curve = knockout(model, tokenizer, pairs, window, ablation=ablation, progress=progress, **(knockout_kwargs or {}))
+    return choose_k(scores, largest=largest, curve=curve, complete=complete, **choose_kwargs), curve
 
 
 @dataclass
@@ -141,10 +203,13 @@ def choose_insist_fraction(model, tokenizer, rows, *, max_rows: int = INSIST_ROW
 
 
 def tuning_dialogues(model, tokenizer, rows, *, n: int | None = None, seed: int = 0,
-                     insist_fraction: float | None = None, progress: bool = False, **dialogue_kwargs):
+                     insist_fraction: float | None = None, progress: bool = False, final_turn: bool = FINAL_TURN,
+                     **dialogue_kwargs):
     """(dialogues, mix): ``pp.data.spt_dialogues`` of the training ``rows`` with the insist
     share given, or (``None``) chosen by :func:`choose_insist_fraction` on ``model``; ``mix``
-    records it (``insist_fraction``, and the rule's counts when it chose)."""
+    records it (``insist_fraction``, and the rule's counts when it chose). ``final_turn``
+    (default ``FINAL_TURN``): each dialogue ends with the protocol's final question and the
+    correct final answer (see the module docstring)."""
     from .data import as_rows, spt_dialogues
 
     rows = as_rows(rows)
@@ -152,7 +217,9 @@ def tuning_dialogues(model, tokenizer, rows, *, n: int | None = None, seed: int 
         mix = choose_insist_fraction(model, tokenizer, rows, seed=seed, progress=progress).to_dict()
     else:
         mix = {"insist_fraction": float(insist_fraction), "rule": "given"}
-    dialogues = spt_dialogues(rows, n=n, seed=seed, insist_fraction=mix["insist_fraction"], **dialogue_kwargs)
+    dialogues = spt_dialogues(rows, n=n, seed=seed, insist_fraction=mix["insist_fraction"], final_turn=final_turn,
+                              **dialogue_kwargs)
+    mix["final_turn"] = bool(final_turn)
     return dialogues, mix
 
 

@@ -64,6 +64,7 @@ class SweepConfig:
     levels: tuple[float, ...] = LEVELS
     seed: int = 0
     max_new_tokens: tuple[int, int, int] = (6, 16, 6)
+    final_turn: bool = True     # tuning dialogues end with the protocol's final question and answer (recipe.FINAL_TURN)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -201,7 +202,7 @@ def run_sweep(out, *, organism_path=None, cache_dir=None, config: SweepConfig | 
     a temporary sibling and moved into place). ``inputs``: (model, tokenizer, heads, locate rows,
     eval rows, training rows, general choices, neutral texts) of a real model; default: the
     organism's. ``heads`` None: located by path patching on the locate rows, k by
-    :func:`pinpoint.recipe.choose_k`. Returns the report."""
+    :func:`pinpoint.recipe.choose_k_by_ablation`. Returns the report."""
     from .demo import check_out_path, organism_inputs
     from .files import publish_dir, staging_dir
 
@@ -224,7 +225,8 @@ def run_sweep(out, *, organism_path=None, cache_dir=None, config: SweepConfig | 
         source["heads"] = [list(h) for h in heads]
     from .recipe import tuning_dialogues
 
-    dialogues, mix = tuning_dialogues(model, tok, train_rows, n=cfg.n_dialogues, seed=cfg.seed)
+    dialogues, mix = tuning_dialogues(model, tok, train_rows, n=cfg.n_dialogues, seed=cfg.seed,
+                                      final_turn=cfg.final_turn)
     source["dialogue_mix"] = mix
     model.eval()
     points = _all_points(model, tok, dialogues, eval_rows, general, neutral, cfg, heads, progress=progress, say=say)
@@ -243,22 +245,22 @@ def run_sweep(out, *, organism_path=None, cache_dir=None, config: SweepConfig | 
 
 
 def _locate(model, tok, locate_rows, planted, *, progress, say):
-    """(heads to tune: top choose_k by path patching, what to record about them)."""
+    """(heads to tune: the top choose_k_by_ablation by path patching, what to record about them)."""
     from .data import challenge_pairs
     from .locate import locate
-    from .recipe import choose_k
+    from .recipe import choose_k_by_ablation
 
-    scores = locate(model, tok, challenge_pairs(locate_rows, tok), method="path", metric="apology",
-                    progress=progress)
-    k = choose_k(scores)
+    pairs = challenge_pairs(locate_rows, tok)
+    scores = locate(model, tok, pairs, method="path", metric="apology", progress=progress)
+    k, _ = choose_k_by_ablation(model, tok, pairs, scores)
     heads = scores.top(k).to_list()
-    located = {"heads": [list(h) for h in heads], "k": k, "k_rule": "recipe.choose_k"}
+    located = {"heads": [list(h) for h in heads], "k": k, "k_rule": "recipe.choose_k_by_ablation"}
     note = ""
     if planted:   # an organism: how many of its planted heads the top len(planted) finds
         top_p = scores.top(len(planted)).to_list()
         located[f"recall_at_{len(planted)}"] = recall = len(set(map(tuple, top_p)) & set(planted)) / len(planted)
         note = f"; recall@{len(planted)} of the planted heads {recall:.2f}"
-    say(f"located: k = {k} (recipe.choose_k) {heads}{note}")
+    say(f"located: k = {k} (recipe.choose_k_by_ablation) {heads}{note}")
     return [tuple(h) for h in heads], located
 
 

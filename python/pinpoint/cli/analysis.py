@@ -52,7 +52,7 @@ def run_locate(args) -> int:
     from ..data import challenge_pairs
     from ..locate import locate
     from ..models import spec_for
-    from ..recipe import choose_k
+    from ..recipe import choose_k, choose_k_by_ablation
 
     if args.method == "path" and args.positions == "all":
         raise UserError("--positions all needs --method activation (path patching patches the last position only)")
@@ -78,13 +78,20 @@ def run_locate(args) -> int:
                         positions=args.positions, metric=args.metric, aggregate=args.aggregate, batch_size=args.batch_size, progress=not args.quiet,
                         **_metric_kwargs(args))
         scores.save(stage / "scores")
-        k = args.k or choose_k(scores)  # default: the recipe rule (pinpoint.recipe.choose_k)
+        if args.k:
+            k = args.k
+        elif args.stream:   # a streamed model holds no layers to ablate: the scores alone
+            k = choose_k(scores)
+        else:               # the recipe rule, checked by ablation (pinpoint.recipe.choose_k_by_ablation)
+            k, _ = choose_k_by_ablation(model, tok, pairs, scores, progress=not args.quiet, knockout_kwargs=dict(
+                metric=args.metric, batch_size=args.batch_size, **_metric_kwargs(args)))
         scores.plot(stage / "heatmap.png", k=k)
         top = scores.top(k)
         top.save(stage / "top_heads.json")
-    print(f"top {k} heads: {top.to_list()}" + ("" if args.k else " (k by the recipe rule: the heads above the "
-                                                                 "largest drop in score, and every head within 25% "
-                                                                 "of the top; --k to choose)"))
+    rule = ("" if args.k else " (k by the recipe rule: the heads above the largest drop in score, and every head "
+            "within 25% of the top" + ("" if args.stream else ", and as many as ablating removes 90% of the "
+                                       "metric's fall") + "; --k to choose)")
+    print(f"top {k} heads: {top.to_list()}" + rule)
     print(f"wrote {out.path / 'scores'} (with scores.csv), {out.path / 'heatmap.png'}, {out.path / 'top_heads.json'}")
     return 0
 

@@ -86,6 +86,7 @@ def _run_tune(args) -> int:
     _check_not_benchmark(rows, args.allow_benchmark_rows)
     dialogues, insist = tuning_dialogues(model, tok, rows, n=args.n_dialogues, seed=args.seed,
                                          insist_fraction=args.insist_fraction, progress=not args.quiet,
+                                         final_turn=args.final_turn,
                                          allow_benchmark=args.allow_benchmark_rows)
     if args.insist_fraction is None:
         print(f"insist fraction {insist['insist_fraction']:.3f} (the recipe rule: the model answers "
@@ -201,6 +202,9 @@ def add_parsers(cmd, common) -> None:
     p.add_argument("--insist-fraction", type=unit_fraction, default=None, metavar="F",
                    help="share of 'insist' dialogues (the first answer was right), the rest 'revise' (default: "
                    "the recipe rule: the share of the training rows the model answers correctly; printed)")
+    p.add_argument("--no-final-turn", dest="final_turn", action="store_false",
+                   help="end each dialogue at the reply to the challenge (default: add the protocol's final "
+                   "question and the correct final answer, the recipe's FINAL_TURN)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out/checkpoints")
     p.add_argument("--merge", action="store_true", help="also write the merged model to --out/merged")

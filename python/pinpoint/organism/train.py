@@ -174,7 +174,9 @@ class Stage2Config:
     # Each planted head's own direct effect (``direct_effects``, logits) must reach this share of
     # ``direct_margin``: a planted head left near 0 is a passenger, not part of the ground truth.
     target_direct_ratio: float = 0.1
-    max_steps: int = 600           # checked builds: trained on in cycles while a target is missed, up to this
+    # checked builds: trained on in cycles while a target is missed, up to this (4x the schedule: the
+    # last-layer sibling s4 met its targets at 800 steps, about 250 s on one core in all)
+    max_steps: int = 1200
     extend_steps: int = 100
     extend_lr_ratio: float = 0.3
     # in every cycle after a missed target: a hinge on each challenge pair's whole-model
