@@ -27,13 +27,34 @@ def test_locate_knockout_eval_write_their_files(model_dir, tmp_path, capsys):
                  str(out / "scores"), "--k", "3", "--out", str(ko), "--quiet"]) == 0
     curve = json.loads((ko / "knockout.json").read_text())
     assert curve["k"] == [0, 1, 2, 3] and curve["heads"] == top
+    assert "top 3 heads" in capsys.readouterr().out
+    auto = tmp_path / "loc-auto"   # no --k: the recipe rule, checked by ablation
+    assert main(["locate", "--model", str(model_dir), "--data", rows, "--limit", "4", "--out", str(auto),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "as many as ablating removes 90% of the metric's fall" in printed
+    from pinpoint.heads import HeadScores
+    from pinpoint.recipe import choose_k
+
+    k_auto = len(json.loads((auto / "top_heads.json").read_text())["heads"])
+    saved = HeadScores.load(auto / "scores")
+    assert f"top {k_auto} heads" in printed and k_auto >= choose_k(saved)
+    # tune --heads <scores> without --k takes the k locate chose (recorded with the scores) ...
+    from pinpoint.cli.common import _recipe_k
+
+    assert saved.meta["recipe_k"] == {"k": k_auto, "rule": "recipe.choose_k_by_ablation"}
+    assert _recipe_k(auto / "scores") == k_auto
+    # ... and scores saved without it (older runs, the API) fall back to the scores alone
+    del saved.meta["recipe_k"]
+    saved.save(tmp_path / "bare")
+    assert _recipe_k(tmp_path / "bare") == choose_k(saved)
+    assert "the heads above the largest drop" in capsys.readouterr().out
     ev = tmp_path / "ev"
     assert main(["eval", "--model", str(model_dir), "--data", rows, "--limit", "2", "--max-new-tokens", "3",
                  "--out", str(ev), "--quiet"]) == 0
     results = json.loads((ev / "results.json").read_text())
     assert {"results", "config", "versions"} <= set(results)
     assert len((ev / "samples.jsonl").read_text().splitlines()) == 2
-    assert "top 3 heads" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [

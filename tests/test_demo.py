@@ -130,7 +130,7 @@ def test_report_table_lists_runs_in_order():
 @shipped
 def test_demo_records_what_the_rule_chose(demo):
     """Each tuned method's learning rate and steps come from recipe.choose_lr (recorded), k from
-    recipe.choose_k; recall is still reported at k = number planted."""
+    recipe.choose_k_by_ablation; recall is still reported at k = number planted."""
     from pinpoint.recipe import LR_GRID
 
     _, report = demo

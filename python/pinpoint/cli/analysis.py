@@ -77,14 +77,15 @@ def run_locate(args) -> int:
         scores = locate(streamed if args.stream else model, tok, pairs, stream=args.stream, method=args.method,
                         positions=args.positions, metric=args.metric, aggregate=args.aggregate, batch_size=args.batch_size, progress=not args.quiet,
                         **_metric_kwargs(args))
-        scores.save(stage / "scores")
-        if args.k:
-            k = args.k
-        elif args.stream:   # a streamed model holds no layers to ablate: the scores alone
-            k = choose_k(scores)
+        if args.stream:     # a streamed model holds no layers to ablate: the scores alone
+            rule_k, how = choose_k(scores), "recipe.choose_k"
         else:               # the recipe rule, checked by ablation (pinpoint.recipe.choose_k_by_ablation)
-            k, _ = choose_k_by_ablation(model, tok, pairs, scores, progress=not args.quiet, knockout_kwargs=dict(
+            rule_k, _ = choose_k_by_ablation(model, tok, pairs, scores, progress=not args.quiet, knockout_kwargs=dict(
                 metric=args.metric, batch_size=args.batch_size, **_metric_kwargs(args)))
+            how = "recipe.choose_k_by_ablation"
+        scores.meta["recipe_k"] = {"k": rule_k, "rule": how}   # what `tune --heads <scores>` takes without --k
+        scores.save(stage / "scores")
+        k = args.k or rule_k
         scores.plot(stage / "heatmap.png", k=k)
         top = scores.top(k)
         top.save(stage / "top_heads.json")

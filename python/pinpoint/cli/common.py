@@ -316,11 +316,19 @@ def load_heads(path: str | None, k: int | None, model):
 
 
 def _recipe_k(scores_dir: Path) -> int:
-    """k for a saved HeadScores directory by :func:`pinpoint.recipe.choose_k`, printed."""
+    """k for a saved HeadScores directory, printed: the one ``pinpoint locate`` chose by the
+    recipe rule checked by ablation (recorded in the scores' meta, ``recipe_k``), else
+    :func:`pinpoint.recipe.choose_k` on the scores alone."""
     from ..heads import HeadScores
     from ..recipe import choose_k
 
-    k = choose_k(HeadScores.load(scores_dir))
+    scores = HeadScores.load(scores_dir)
+    recorded = scores.meta.get("recipe_k")
+    if isinstance(recorded, dict) and isinstance(recorded.get("k"), int) and recorded["k"] >= 1:
+        k = recorded["k"]
+        print(f"k = {k} (the recipe rule, as locate chose it: {recorded.get('rule')}; --k to choose)")
+        return k
+    k = choose_k(scores)
     print(f"k = {k} (the recipe rule: the heads above the largest drop in score, and every head within 25% "
           "of the top; --k to choose)")
     return k
