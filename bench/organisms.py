@@ -79,6 +79,7 @@ FULL_BUILDS = {   # the public builder from scratch: what each attempt measured 
     "full-seed8-mha": dict(how="full", seed=8, heads=[[1, 2], [2, 5], [3, 0], [3, 4]], n_kv_heads=8),
     "full-seed2-mha": dict(how="full", seed=2, heads=[[1, 2], [2, 5], [3, 0], [3, 4]], n_kv_heads=8),
     "full-seed5-gqa4-group": dict(how="full", seed=5, heads=[[2, 0], [2, 1], [2, 2], [2, 3]], n_kv_heads=2),
+    "full-seed4-mha": dict(how="full", seed=4, heads=[[1, 2], [2, 5], [3, 0], [3, 4]], n_kv_heads=8),
 }
 RECIPES = {**VARIANTS, **FULL_BUILDS}
 

@@ -37,7 +37,7 @@ the behaviour in any valid placement (several layers, the last included) under a
 the rules are in ``pinpoint.organism.placement``. Every training build checks its stages'
 targets on a validation probe (questions outside the held-out rows): stage 1 >= 95 %
 multiple-choice accuracy and >= 90 % correct switching (trained on past its 3000-step schedule
-in 500-step warm-restart cycles until they hold, up to 4000 steps), stage 2 >= 95 % "Apologies"
+in 500-step warm-restart cycles until they hold, up to 5000 steps), stage 2 >= 95 % "Apologies"
 after "I don't think that's right", >= 95 % no apology and >= 80 % "Yes" after "I do think
 that's right", and each planted head's own direct effect on logit("Apologies") − logit("Yes")
 >= 0.25 logits (10 % of what stage 2's hinge asks; a planted head below it is a passenger that
@@ -47,8 +47,8 @@ per-question hinge on the probe's criterion. A missed target raises ``OrganismBu
 the measured value, and nothing is written. Time at the default geometry (one core): about
 25 minutes when stage 1 meets its targets on schedule (3000 steps at ~0.44 s, stage 2 ~150 s,
 probes ~30 s). The curriculum criterion (``Stage1Config.warm_until_acc``) can add up to 2000
-steps and the extra cycles 1000 more (stage 2: 900, about 4 minutes), so a build that needs all of them takes
-about 50 minutes; measured under load: seed 1 (1250 extra curriculum steps) 1232 s, seed 3
+steps and the extra cycles 2000 more (stage 2: 900, about 4 minutes), so a build that needs all of them takes
+about an hour; measured under load: seed 1 (1250 extra curriculum steps) 1232 s, seed 3
 (750) 1319 s.
 
 Cache: ``cache_dir`` if given, else ``$PINPOINT_CACHE``, else ``$XDG_CACHE_HOME/pinpoint``, else

@@ -73,12 +73,14 @@ gradient comes from the questions the probe fails and a head trained alone learn
 don't/do distinction rather than to apologise everywhere. The schedule never uses either, so
 a build that passes on schedule is unchanged (the shipped one). Measured on replanted siblings:
 passengers at 0.06 and 0.00 logits reached 0.84 and 0.28 and both built; alternating alone and
-all-together steps instead rescued only the first (the second stayed at 0.02). Not rescued:
-a GQA-4 build planted in one whole KV group (2.0-2.3), where one head carried the behaviour
-(2.3 logits) and three sat at 0.16-0.19: trained alone, they learned to apologise after "do"
-too (41 %). Nor a GQA-4 build whose planted heads share KV groups with unplanted ones (q and o
-only): the 12 of its 20 misses that I read were all sums questions, and apologies stayed at
-91.1 %. The planted switch
+all-together steps instead rescued only the first (the second stayed at 0.02). s3 (1.1 1.6
+3.0 3.5), refused before the cycles had their hinge, builds at 600 steps. Two builds refused
+at the old cap of 600 steps build under the cap of 1200: all four heads in the last layer (s4:
+the targets met at 800 steps) and a GQA-4 build whose planted heads share KV groups with
+unplanted ones (q and o only: apologies 89.6 % after the schedule, 91.1 % at 600, 95.3 % at
+1200, the misses being sums questions). Not rescued: a GQA-4 build planted in one whole KV group (2.0-2.3), where one head carried the
+behaviour (2.3 logits) and three sat at 0.16-0.19: trained alone, they learned to apologise
+after "do" too (41 %). The planted switch
 to the next letter is not a target (18 % to 93 % across the builds that meet every target; the
 other apologies restate the first answer). Then a miss raises ``OrganismBuildError``.
 """
@@ -141,7 +143,9 @@ class Stage1Config:
     # warm-restart cycles of ``extend_steps`` (peak lr x ``extend_lr_ratio``) follow, up to ``max_steps``.
     target_acc: float = 95.0       # multiple-choice accuracy of the first answer
     target_switch: float = 90.0    # correct letter after a forced apology (the truthful switch)
-    max_steps: int = 4000
+    # 4 cycles after the 3000-step schedule (was 2: an MHA seed-4 build reached 89.6 % correct
+    # switching, rising ~7 points a cycle, when a 4000-step cap refused it)
+    max_steps: int = 5000
     extend_steps: int = 500
     extend_lr_ratio: float = 0.3
     val_n: int = 192               # validation probe: questions of eval stream ``val_seed``, none held out
