@@ -99,7 +99,7 @@ def test_cache_key_holds_everything_that_changes_the_result():
     assert name(heads=SIBLING) == name(heads=list(reversed(SIBLING))) != default  # order does not matter
     variants = [name(seed=1), name(heads=SIBLING), name(heads=[(1, 1)]), name(n_kv_heads=2), name(n_layers=5),
                 name(n_heads=16, n_kv_heads=4), name(s1=Stage1Config(target_acc=90.0)),
-                name(s1=Stage1Config(max_steps=5000)), name(s2=Stage2Config(target_affirm=50.0)),
+                name(s1=Stage1Config(max_steps=6000)), name(s2=Stage2Config(target_affirm=50.0)),
                 name(s2=Stage2Config(lr=1e-3))]
     assert len(set(variants + [default])) == len(variants) + 1
 

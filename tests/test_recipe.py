@@ -263,3 +263,29 @@ def test_choose_k_by_ablation_finds_heads_the_scores_rank_low(shipped):
     assert curve.heads.to_list() == s.top(4).to_list()         # the window: min(2k, cap) heads in score order
     assert k == 4 and set(s.top(k)) == {(2, 2), (2, 3), (2, 4), (2, 5)}
     assert float(curve.values[2]) > 0.5 * float(curve.values[0])   # two of them ablated: the apology stays
+
+
+def test_final_turn_falls_back_to_bare_dialogues_when_the_template_rewrites_history(shipped):
+    """Qwen3's and Phi-3's templates render an earlier assistant turn differently from the last
+    one, so without {% generation %} marks the reply's tokens cannot be found once a final turn
+    follows it: the default then builds the bare dialogues and says why; asked for explicitly,
+    the final turn stays (and tuning would name the problem)."""
+    import copy
+
+    from pinpoint.data import as_rows
+
+    path, model, tok = shipped
+    rows = as_rows(path / "spt_rows.jsonl")[:10]
+    rewrites = copy.deepcopy(tok)
+    rewrites.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
+        "{% if m.role == 'assistant' and not loop.last %} (earlier){% endif %}"
+        "{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    bare, mix = recipe.tuning_dialogues(model, rewrites, rows, n=8, insist_fraction=0.5)
+    assert mix["final_turn"] is False and "does not render message" in mix["final_turn_note"], mix
+    assert all(d[-2]["content"] == d.challenge for d in bare)
+    recipe.tuning_dialogues(model, tok, rows, n=8, insist_fraction=0.5)   # the organism's own template renders it
+    kept, mix = recipe.tuning_dialogues(model, rewrites, rows, n=8, insist_fraction=0.5, final_turn=True)
+    assert mix == {"insist_fraction": 0.5, "rule": "given", "final_turn": True}
+    assert all(d[-2]["content"] != d.challenge for d in kept)

@@ -28,7 +28,7 @@ class DemoConfig:
     n_eval: int = 120           # other held-out questions for the protocol
     n_dialogues: int = 256      # tuning dialogues (insist/revise mix by the rule); 20 % validate the lr rule
     insist_fraction: float | None = None   # None: recipe.choose_insist_fraction (the model's own accuracy)
-    final_turn: bool = True     # tuning dialogues end with the protocol's final question and answer (recipe.FINAL_TURN)
+    final_turn: bool | None = None   # None: recipe.FINAL_TURN where the chat template can render it; False: bare
     batch_size: int = 16
     lr_grid: tuple[float, ...] | None = None   # the rule's grid for every method (None: recipe.LR_GRID)
     n_neutral: int = 64

@@ -203,13 +203,16 @@ def choose_insist_fraction(model, tokenizer, rows, *, max_rows: int = INSIST_ROW
 
 
 def tuning_dialogues(model, tokenizer, rows, *, n: int | None = None, seed: int = 0,
-                     insist_fraction: float | None = None, progress: bool = False, final_turn: bool = FINAL_TURN,
+                     insist_fraction: float | None = None, progress: bool = False, final_turn: bool | None = None,
                      **dialogue_kwargs):
     """(dialogues, mix): ``pp.data.spt_dialogues`` of the training ``rows`` with the insist
     share given, or (``None``) chosen by :func:`choose_insist_fraction` on ``model``; ``mix``
-    records it (``insist_fraction``, and the rule's counts when it chose). ``final_turn``
-    (default ``FINAL_TURN``): each dialogue ends with the protocol's final question and the
-    correct final answer (see the module docstring)."""
+    records it (``insist_fraction``, and the rule's counts when it chose). ``final_turn``: each
+    dialogue ends with the protocol's final question and the correct final answer (see the
+    module docstring). ``None`` (default): ``FINAL_TURN``, unless ``tokenizer``'s chat template
+    cannot render such a dialogue for training (Qwen3's and Phi-3's templates re-render
+    earlier assistant turns, so the reply's tokens cannot be found without
+    ``{% generation %}`` marks): then the bare dialogues, with the reason in ``mix``."""
     from .data import as_rows, spt_dialogues
 
     rows = as_rows(rows)
@@ -217,10 +220,32 @@ def tuning_dialogues(model, tokenizer, rows, *, n: int | None = None, seed: int 
         mix = choose_insist_fraction(model, tokenizer, rows, seed=seed, progress=progress).to_dict()
     else:
         mix = {"insist_fraction": float(insist_fraction), "rule": "given"}
-    dialogues = spt_dialogues(rows, n=n, seed=seed, insist_fraction=mix["insist_fraction"], final_turn=final_turn,
-                              **dialogue_kwargs)
-    mix["final_turn"] = bool(final_turn)
+    make = lambda ft: spt_dialogues(rows, n=n, seed=seed, insist_fraction=mix["insist_fraction"],  # noqa: E731
+                                    final_turn=ft, **dialogue_kwargs)
+    dialogues = make(FINAL_TURN if final_turn is None else final_turn)
+    mix["final_turn"] = bool(FINAL_TURN if final_turn is None else final_turn)
+    if final_turn is None and mix["final_turn"]:
+        why = _unrenderable(tokenizer, dialogues)
+        if why is not None:
+            dialogues = make(False)
+            mix.update(final_turn=False, final_turn_note=f"bare dialogues: {why}")
     return dialogues, mix
+
+
+def _unrenderable(tokenizer, dialogues) -> str | None:
+    """Why the first dialogue of each kind cannot be rendered for training by ``tokenizer``'s
+    chat template, or None when they all can."""
+    from .chat import dialogue_messages, render_dialogue
+
+    firsts = {}
+    for i, d in enumerate(dialogues):
+        firsts.setdefault(getattr(d, "kind", None), (i, d))
+    for i, d in firsts.values():
+        try:
+            render_dialogue(tokenizer, dialogue_messages(d, i), where=f"dialogue {i} with the final turn")
+        except ValueError as exc:
+            return str(exc).splitlines()[0]
+    return None
 
 
 def split_dialogues(dialogues: Sequence, *, val_fraction: float = VAL_FRACTION, seed: int = 0):

@@ -64,7 +64,7 @@ class SweepConfig:
     levels: tuple[float, ...] = LEVELS
     seed: int = 0
     max_new_tokens: tuple[int, int, int] = (6, 16, 6)
-    final_turn: bool = True     # tuning dialogues end with the protocol's final question and answer (recipe.FINAL_TURN)
+    final_turn: bool | None = None   # None: recipe.FINAL_TURN where the chat template can render it; False: bare
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]

@@ -86,8 +86,10 @@ def _run_tune(args) -> int:
     _check_not_benchmark(rows, args.allow_benchmark_rows)
     dialogues, insist = tuning_dialogues(model, tok, rows, n=args.n_dialogues, seed=args.seed,
                                          insist_fraction=args.insist_fraction, progress=not args.quiet,
-                                         final_turn=args.final_turn,
+                                         final_turn=None if args.final_turn else False,
                                          allow_benchmark=args.allow_benchmark_rows)
+    if "final_turn_note" in insist:
+        print(f"no final turn in the dialogues ({insist['final_turn_note']})")
     if args.insist_fraction is None:
         print(f"insist fraction {insist['insist_fraction']:.3f} (the recipe rule: the model answers "
               f"{insist['n_correct']} of {insist['n_rows']} training rows correctly; --insist-fraction to choose)")
@@ -207,7 +209,8 @@ def add_parsers(cmd, common) -> None:
                    "the recipe rule: the share of the training rows the model answers correctly; printed)")
     p.add_argument("--no-final-turn", dest="final_turn", action="store_false",
                    help="end each dialogue at the reply to the challenge (default: add the protocol's final "
-                   "question and the correct final answer, the recipe's FINAL_TURN)")
+                   "question and the correct final answer, the recipe's FINAL_TURN, when the chat template "
+                   "can render it for training)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out/checkpoints")
     p.add_argument("--merge", action="store_true", help="also write the merged model to --out/merged")
