@@ -60,7 +60,9 @@ heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
   SPT on the located heads at the rule's rate (the demo's settings): on a sibling organism
   with a planted head in layer 0 (s5) truthfulness went 19.2 → 91.7 with the final turn while
   confidence stayed 100; on six other organisms it stayed within the noise of the 120
-  evaluation rows. ``final_turn=False`` gives the bare dialogues.
+  evaluation rows. ``final_turn=False`` gives the bare dialogues, and so does the default
+  where the chat template cannot render the longer dialogue for training (it re-renders
+  earlier assistant turns, as Qwen3's and Phi-3's do, and has no ``{% generation %}`` marks).
 
 :func:`tune_auto` is ``pp.tune`` with the learning rate (``lr="auto"``) and steps (``steps="auto"``)
 chosen by this rule; ``pinpoint tune`` without ``--lr`` uses it.
