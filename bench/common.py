@@ -55,12 +55,18 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def write_results(name: str, title: str, rows: list[dict], columns: list[str], notes: str = "") -> str:
-    """Write JSON and the markdown section for one benchmark; returns the markdown."""
+def run_meta() -> dict:
+    """Where and when a measurement ran: the machine (with torch's thread count), torch, the date."""
+    return {"machine": machine(), "torch": torch.__version__,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "ci": bool(os.environ.get("CI"))}
+
+
+def write_results(name: str, title: str, rows: list[dict], columns: list[str], notes: str = "",
+                  meta: dict | None = None) -> str:
+    """Write JSON and the markdown section for one benchmark; returns the markdown. ``meta``:
+    the measurement's :func:`run_meta` when the table is rewritten later (default: now)."""
     OUT_DIR.mkdir(exist_ok=True)
-    meta = {"machine": machine(), "torch": torch.__version__,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "ci": bool(os.environ.get("CI"))}
+    meta = meta or run_meta()
     (OUT_DIR / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     body = "".join("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |\n" for r in rows)

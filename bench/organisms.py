@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT_DIR, write_results  # noqa: E402
+from common import OUT_DIR, run_meta, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent / "organisms"
 CHECKSUMS = ROOT / "CHECKSUMS.json"
@@ -219,6 +219,7 @@ LOCATE_METHODS = {  # label -> locate kwargs
 
 SHIPPED_NAME = "shipped (seed 0)"
 MEASURED = ROOT / "RESULTS.json"   # every organism's last measured results (the table is made from these)
+RUN_META = ROOT / "RUN.json"        # where and when the last `run` measured (the table's machine line)
 
 
 def organism_dirs(names, *, shipped: bool = True) -> dict[str, Path]:
@@ -362,18 +363,20 @@ def cmd_run(args) -> int:
     merged = {k: measured[k] for k in sorted(measured, key=lambda k: order.index(k) if k in order else len(order))
               if not refused(builds, k)}
     MEASURED.write_text(json.dumps(merged, indent=1) + "\n")
+    RUN_META.write_text(json.dumps(run_meta(), indent=1) + "\n")
     return _write_tables(merged)
 
 
 def cmd_table(args) -> int:
-    """Rewrite the RESULTS.md section from bench/organisms/RESULTS.json and BUILDS.json (no measuring)."""
-    return _write_tables(json.loads(MEASURED.read_text()))
+    """Rewrite the RESULTS.md section from bench/organisms/RESULTS.json and BUILDS.json (no
+    measuring: the section keeps the last run's machine line)."""
+    return _write_tables(json.loads(MEASURED.read_text()), meta=_read(RUN_META) or None)
 
 
-def _write_tables(merged: dict) -> int:
+def _write_tables(merged: dict, meta: dict | None = None) -> int:
     rows, columns, notes = tables(merged)
     print(write_results("organisms", "Localisation benchmark: organism variants (bench/organisms.py)", rows,
-                        columns, notes))
+                        columns, notes, meta=meta))
     (OUT_DIR / "organisms_full.json").write_text(json.dumps({"variants": RECIPES, "results": merged}, indent=1))
     return 0
 

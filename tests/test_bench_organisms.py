@@ -103,3 +103,18 @@ def test_tables_show_a_refused_recipe_as_not_built_even_with_old_results(tmp_pat
     rows, _, notes = B.tables({name: r})
     assert [row["build"] for row in rows if row["organism"] == name] == ["missed"]
     assert f"| {name} |" not in notes
+
+
+def test_table_keeps_the_last_runs_machine_line(tmp_path, monkeypatch):
+    """`organisms.py table` measures nothing, so its section says where and when `run` measured."""
+    import common
+
+    monkeypatch.setattr(B, "MEASURED", tmp_path / "RESULTS.json")
+    monkeypatch.setattr(B, "RUN_META", tmp_path / "RUN.json")
+    monkeypatch.setattr(B, "OUT_DIR", tmp_path)
+    monkeypatch.setattr(common, "OUT_DIR", tmp_path)
+    monkeypatch.setattr(common, "RESULTS_MD", tmp_path / "RESULTS.md")
+    B.MEASURED.write_text(json.dumps({}))
+    B.RUN_META.write_text(json.dumps({"machine": "Box X, 1 threads", "torch": "9.9", "date": "2026-01-02 03:04 UTC"}))
+    assert B.cmd_table(None) == 0
+    assert "Machine: Box X, 1 threads; torch 9.9; 2026-01-02 03:04 UTC." in (tmp_path / "RESULTS.md").read_text()
