@@ -107,7 +107,7 @@ def choose_k(scores, *, largest: bool = False, rel: float = REL_TO_MAX, max_frac
     values = values[torch.isfinite(values)]
     strength = values if largest else -values   # > 0: the head pushes the way top() ranks
     n_total = scores.values.numel()
-    cap = min(max(min_cap, math.ceil(max_fraction * n_total)), n_total)
+    cap = _cap(n_total, min_cap, max_fraction)
     if strength.numel() == 0 or float(strength.max()) <= 0:
         return 1
     ranked = strength.clamp(min=0).sort(descending=True).values.tolist()
@@ -125,6 +125,11 @@ def choose_k(scores, *, largest: bool = False, rel: float = REL_TO_MAX, max_frac
     if curve is not None:
         k = min(max(k, knockout_k(curve, largest=largest, complete=complete)), cap)
     return k
+
+
+def _cap(n_total: int, min_cap: int, max_fraction: float) -> int:
+    """The most heads the rule tunes: max(min_cap, max_fraction of all heads), at most all."""
+    return min(max(min_cap, math.ceil(max_fraction * n_total)), n_total)
 
 
 def knockout_k(curve, *, largest: bool = False, complete: float = COMPLETE) -> int:
@@ -157,9 +162,8 @@ def choose_k_by_ablation(model, tokenizer, pairs, scores, *, largest: bool = Fal
 
     k0 = choose_k(scores, largest=largest, **choose_kwargs)
     n_total = scores.values.numel()
-    cap = min(max(choose_kwargs.get("min_cap", MIN_CAP),
-                  math.ceil(choose_kwargs.get("max_fraction", MAX_FRACTION) * n_total)), n_total)
-    window = scores.top(min(max(2 * k0, k0 + 1), cap, n_total), largest=largest)
+    cap = _cap(n_total, choose_kwargs.get("min_cap", MIN_CAP), choose_kwargs.get("max_fraction", MAX_FRACTION))
+    window = scores.top(min(max(2 * k0, k0 + 1), cap), largest=largest)
     curve = knockout(model, tokenizer, pairs, window, ablation=ablation, progress=progress, **(knockout_kwargs or {}))
     return choose_k(scores, largest=largest, curve=curve, complete=complete, **choose_kwargs), curve
 
