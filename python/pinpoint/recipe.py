@@ -228,8 +228,8 @@ def tuning_dialogues(model, tokenizer, rows, *, n: int | None = None, seed: int 
         mix = {"insist_fraction": float(insist_fraction), "rule": "given"}
     make = lambda ft: spt_dialogues(rows, n=n, seed=seed, insist_fraction=mix["insist_fraction"],  # noqa: E731
                                     final_turn=ft, **dialogue_kwargs)
-    dialogues = make(FINAL_TURN if final_turn is None else final_turn)
     mix["final_turn"] = bool(FINAL_TURN if final_turn is None else final_turn)
+    dialogues = make(mix["final_turn"])
     if final_turn is None and mix["final_turn"]:
         why = _unrenderable(tokenizer, dialogues)
         if why is not None:
