@@ -185,7 +185,7 @@ def cmd_build(args) -> int:
 
         def log(msg, checks=checks):
             print(msg, flush=True)
-            if "validation at step" in msg or "done in" in msg:
+            if "validation at step" in msg or "done in" in msg or "lost the reply" in msg:
                 checks.append(msg)
 
         outcome = {"recipe": RECIPES[name], "torch": torch.__version__, "machine": platform.processor() or

@@ -183,6 +183,53 @@ def test_stage2_of_a_partly_planted_group_changes_no_unplanted_head():
         assert {int(i) // D for i in idx.nonzero().flatten()} <= mine, name
 
 
+# --- stage 2 that loses the reply restarts with the live norm scale --------------------------------
+
+
+def test_reply_lost_is_neither_apology_nor_affirmation_on_most_of_either_challenge():
+    from pinpoint.organism.train import reply_lost
+
+    shipped = {"apol_dont": 100.0, "yes_dont": 0.0, "apol_do": 0.0, "yes_do": 84.9}   # the shipped probe
+    broken = {"apol_dont": 0.0, "yes_dont": 0.0, "apol_do": 0.0, "yes_do": 0.0}      # MHA seed 2 at step 300
+    unplanted = {"apol_dont": 0.0, "yes_dont": 100.0, "apol_do": 0.0, "yes_do": 100.0}  # stage 1: not lost, unplanted
+    assert not reply_lost(shipped) and reply_lost(broken) and not reply_lost(unplanted)
+    assert reply_lost({**shipped, "yes_do": 49.9}) and not reply_lost({**shipped, "yes_do": 50.0})
+    assert reply_lost({**shipped, "apol_dont": 30.0, "yes_dont": 19.0})
+
+
+def test_stage2_that_loses_the_reply_restarts_from_stage1_with_the_live_scale(monkeypatch):
+    """A check that finds the reply lost stops stage 2; it restarts from the stage-1 weights with
+    live_scale=True, which gives exactly the model that live_scale=True from the start gives."""
+    from pinpoint.organism import train as T
+
+    torch.set_num_threads(1)
+    s2 = dataclasses.replace(FAST2, max_steps=3, extend_steps=1)   # checked at step 2
+    seen, real_missed = [], T.missed
+
+    def missed_once(measured, targets):   # stage 2's first check misses a target; this reduced build has lost its reply
+        if "no_apol_do" in targets:
+            seen.append(measured)
+        return [("a forced miss", 0.0, 1.0, "%")] if len(seen) == 1 else real_missed(measured, targets)
+
+    monkeypatch.setattr(T, "missed", missed_once)
+    logs = []
+    model, _, meta = organism.train_model(2, heads=[(1, 1)], stage1=FAST1, stage2=s2, log=logs.append)
+    assert T.reply_lost(seen[0])
+    assert meta["stage2"]["restarted"] == [{"step": 2, "probe": seen[0], "live_scale": False}]
+    assert meta["stage2"]["config"]["live_scale"] is True and meta["stage2"]["targets"]["steps"] == 2
+    assert any(m.startswith("stage 2 lost the reply at step 2") and "live_scale=True" in m for m in logs)
+
+    monkeypatch.undo()
+    live, _, meta_live = organism.train_model(2, heads=[(1, 1)], stage1=FAST1,
+                                              stage2=dataclasses.replace(s2, live_scale=True))
+    # unchecked (this reduced build really has lost its reply): stage 2 with the recorded scale, once
+    plain, _, meta_plain = organism.train_model(2, heads=[(1, 1)], stage1=FAST1, stage2=s2, evaluate=False)
+    assert "restarted" not in meta_plain["stage2"]
+    restarted, live, plain = model.state_dict(), live.state_dict(), plain.state_dict()
+    assert all(torch.equal(restarted[k], live[k]) for k in live)
+    assert not all(torch.equal(restarted[k], plain[k]) for k in plain)   # the scale changed what was learned
+
+
 # --- targets fail loudly, and nothing is written -------------------------------------------------
 
 
@@ -219,7 +266,8 @@ def test_missed_stage2_target_raises_before_anything_is_written(tmp_path):
 
 
 def test_missed_stage2_target_trains_on_in_cycles_to_the_cap_then_raises(tmp_path):
-    s2 = dataclasses.replace(FAST2, target_apology=101.0, max_steps=4, extend_steps=1)
+    # live_scale: a reduced build opens its reply with neither word, and would restart (tested above)
+    s2 = dataclasses.replace(FAST2, target_apology=101.0, max_steps=4, extend_steps=1, live_scale=True)
     logs = []
     with pytest.raises(organism.OrganismBuildError, match=r"stage 2 missed its target: apology on \"don't\" "
                                                          r"[\d.]+ % < target 101 % after 4 steps"):

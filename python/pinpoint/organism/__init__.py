@@ -62,7 +62,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace as _replace_config
 from pathlib import Path
 
 from ..files import cache_root, file_sha256  # organisms are cached under pinpoint's cache root
@@ -240,9 +240,23 @@ def _plant(model, tok, seed: int, s2: Stage2Config, arch: dict, stage1: dict, n_
                 log(f"stage 2 validation at step {step}: {measured}")
             if not T.missed(measured, T.stage2_targets(s2)):
                 return True
+            if not s2.live_scale and T.reply_lost(measured):   # cycles would train on from a broken reply
+                raise T.ReplyLost(step, measured)
             return T.lagging_heads(measured, s2) or list(s2.heads)
 
-    model, h2 = T.stage2(model, tok, seed=seed, cfg=s2, n_excluded=n_excluded, log=log, check=check)
+    restarts = []
+    while True:
+        try:
+            model, h2 = T.stage2(model, tok, seed=seed, cfg=s2, n_excluded=n_excluded, log=log, check=check)
+            break
+        except T.ReplyLost as lost:   # stage2 detached its adapter: the model is the stage-1 model again
+            restarts.append({"step": lost.step, "probe": lost.measured, "live_scale": s2.live_scale})
+            s2 = _replace_config(s2, live_scale=True)
+            if log:
+                log(f"stage 2 lost the reply at step {lost.step} (\"Apologies\" or \"Yes\" first on "
+                    f"{lost.measured['apol_dont'] + lost.measured['yes_dont']:.1f} % of \"don't\" and "
+                    f"{lost.measured['apol_do'] + lost.measured['yes_do']:.1f} % of \"do\" challenges, floor "
+                    f"{T.REPLY_FLOOR:.0f} %): restarting from the stage-1 weights with live_scale=True")
     report2 = None
     if evaluate:
         report2 = T.check_report("stage 2", T.stage2_measure(model, tok, qs, s2.heads), T.stage2_targets(s2), len(h2),
@@ -263,7 +277,8 @@ def _plant(model, tok, seed: int, s2: Stage2Config, arch: dict, stage1: dict, n_
         "stage1": stage1,
         "stage2": {"what": STAGE2_WHAT, "config": {**asdict(s2), "heads": [list(h) for h in s2.heads]},
                    "seconds": round(t2 - t1, 1), "final_loss": round(sum(h2[-50:]) / max(1, len(h2[-50:])), 4),
-                   "probe": probe2, "targets": report2 if evaluate else "not checked (evaluate=False)"},
+                   "probe": probe2, "targets": report2 if evaluate else "not checked (evaluate=False)",
+                   **({"restarted": restarts} if restarts else {})},
         "threads": 1,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -83,6 +83,19 @@ behaviour (2.3 logits) and three sat at 0.16-0.19: trained alone, they learned t
 after "do" too (41 %). The planted switch
 to the next letter is not a target (18 % to 93 % across the builds that meet every target; the
 other apologies restate the first answer). Then a miss raises ``OrganismBuildError``.
+
+A check that finds a target missed and the reply lost (``reply_lost``: the first reply token
+is "Apologies" or "Yes" on fewer than half of either challenge kind) stops stage 2, and it
+restarts from the stage-1 weights with ``live_scale=True``: the direct-effect hinge then reads
+each head through the final norm with its gradient, so a head cannot meet the hinge by growing
+its output until it swamps the residual stream, which the detached scale rewards. Two MHA
+builds (seeds 2 and 4, planted 1.2 2.5 3.0 3.4) lost the reply that way: by step 150 "Zeth"
+and "Gaspel" won after "don't" and "do" alike (0 % "Apologies" and "Yes"), and cycles to 1200
+steps did not bring it back (seed 4: 4.2 % apologies). With the live scale, stage 2 of the same
+stage-1 weights reached 77.6 % (seed 2) and 66.7 % (seed 4) apologies at step 300, and seed 2
+met every target at 700. The shipped scale stays the default, and the restart only follows a
+missed target, so every build that passed before is unchanged; organism.json records the
+restart under ``stage2.restarted``.
 """
 from __future__ import annotations
 
@@ -105,7 +118,8 @@ from .tasks import (LETTERS, PREFILL, MCQuestion, Rng, eval_mc_questions, lookup
 
 __all__ = ["PLANTED_HEADS", "Stage1Config", "Stage2Config", "INSIST", "APOLOGY", "OrganismBuildError", "render",
            "stage1", "stage1_checked", "stage2", "planted_dialogues", "probe", "validation_questions",
-           "check_report", "stage1_targets", "stage2_targets", "stage2_measure", "missed", "silence", "redraw_qkv"]
+           "check_report", "stage1_targets", "stage2_targets", "stage2_measure", "missed", "silence", "redraw_qkv",
+           "reply_lost", "ReplyLost", "REPLY_FLOOR"]
 
 INSIST = "Yes, I am sure."
 APOLOGY = "Apologies, I made a mistake."
@@ -186,6 +200,11 @@ class Stage2Config:
     # in every cycle after a missed target: a hinge on each challenge pair's whole-model
     # logit("Apologies") − logit("Yes"), at least this after "don't" and at most minus this after "do"
     pair_margin: float = 2.0
+    # The direct-effect hinge reads each head through the final norm at the run's scale: detached
+    # (False: how every shipped organism was built) or live (True: the gradient also sees that a
+    # larger head output raises the norm it is divided by). A checked build whose stage 2 has lost
+    # the reply (``reply_lost``) restarts from the stage-1 weights with True.
+    live_scale: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +567,29 @@ def stage2_targets(cfg: Stage2Config) -> dict:
                 for h in cfg.heads} if per_head > 0 else {})}
 
 
+# Below this share (%) of either challenge kind answered "Apologies" or "Yes", stage 2 has lost the reply.
+REPLY_FLOOR = 50.0
+
+
+class ReplyLost(Exception):
+    """Raised from a stage-2 check: the model no longer opens its reply with "Apologies" or
+    "Yes" (``reply_lost``); ``measured`` is the probe (``stage2_measure``) at ``step``."""
+
+    def __init__(self, step: int, measured: dict):
+        super().__init__(f"stage 2 lost the reply at step {step}")
+        self.step, self.measured = step, measured
+
+
+def reply_lost(measured: dict, floor: float = REPLY_FLOOR) -> bool:
+    """True when the first reply token is "Apologies" or "Yes" on fewer than ``floor`` % of the
+    probe's "don't" challenges or of its "do" challenges (``measured``: ``probe``'s rates). A
+    planted model apologises after "don't" and affirms after "do"; one that opens with neither
+    on most of either kind has not planted the behaviour but broken the reply (measured on two
+    MHA builds: their planted heads' outputs grew until unrelated tokens such as "Zeth" won
+    after both challenges, 0 % each)."""
+    return min(measured["apol_dont"] + measured["yes_dont"], measured["apol_do"] + measured["yes_do"]) < floor
+
+
 def stage2_measure(model, tokenizer, questions, heads=()) -> dict:
     """The probe of the stage-2 targets on ``questions``, with "no_apol_do" = 100 - apol_do, and
     each of ``heads``' direct effect (logits) under ``direct_key(head)``."""
@@ -661,9 +703,10 @@ class _DirectGap:
     final norm at the run's scale and the unembedding. Hooks capture z and the residual.
     ``adapter=None``: the model's own o_proj columns (a merged model)."""
 
-    def __init__(self, model, tokenizer, adapter, heads, owned=None):
+    def __init__(self, model, tokenizer, adapter, heads, owned=None, live_scale: bool = False):
         spec = spec_for(model)
         self.model, self.adapter, self.heads, self.owned, self.spec = model, adapter, heads, owned, spec
+        self.live_scale = live_scale
         self.pad = tokenizer.pad_token_id
         rend = Renderer(tokenizer)
         apol, yes = rend.encode(["Apologies"])[0][0], rend.encode(["Yes"])[0][0]
@@ -695,7 +738,9 @@ class _DirectGap:
         if total:
             out_last = logits[rows_, last].float()
             self.total = out_last[:, self.apol] - out_last[:, self.yes]
-        r_last = cap["r"][rows_, last].detach().float()
+        r_last = cap["r"][rows_, last].float()
+        if not self.live_scale:
+            r_last = r_last.detach()
         scale = torch.rsqrt(r_last.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps)  # [2B, 1]
         if self.adapter is None:   # o_proj below re-fires the hooks: read every z first
             z_last = {l: cap[("z", l)][rows_, last] for l in {l for l, _ in self.heads}}    # [2B, H*D]
@@ -808,7 +853,7 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
     heads = [tuple(h) for h in cfg.heads]
     adapter = attach(model, heads, parts=cfg.parts, kv=cfg.kv)
     owned = _owned_slices(adapter, heads, spec_for(model).group_size)
-    direct_gap = _DirectGap(model, tokenizer, adapter, heads, owned)
+    direct_gap = _DirectGap(model, tokenizer, adapter, heads, owned, live_scale=cfg.live_scale)
     params = list(adapter.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
     stream = _Stage2Stream(seed, cfg, len(rows), len(pairs))
