@@ -197,9 +197,9 @@ def test_reply_lost_is_neither_apology_nor_affirmation_on_most_of_either_challen
     assert reply_lost({**shipped, "apol_dont": 30.0, "yes_dont": 19.0})
 
 
-def test_stage2_that_loses_the_reply_restarts_from_stage1_with_the_live_scale(monkeypatch):
+def test_stage2_that_loses_the_reply_restarts_from_stage1_with_objective_2(monkeypatch):
     """A check that finds the reply lost stops stage 2; it restarts from the stage-1 weights with
-    live_scale=True, which gives exactly the model that live_scale=True from the start gives."""
+    objective=2, which gives exactly the model that objective=2 from the start gives."""
     from pinpoint.organism import train as T
 
     torch.set_num_threads(1)
@@ -215,13 +215,13 @@ def test_stage2_that_loses_the_reply_restarts_from_stage1_with_the_live_scale(mo
     logs = []
     model, _, meta = organism.train_model(2, heads=[(1, 1)], stage1=FAST1, stage2=s2, log=logs.append)
     assert T.reply_lost(seen[0])
-    assert meta["stage2"]["restarted"] == [{"step": 2, "probe": seen[0], "live_scale": False}]
-    assert meta["stage2"]["config"]["live_scale"] is True and meta["stage2"]["targets"]["steps"] == 2
-    assert any(m.startswith("stage 2 lost the reply at step 2") and "live_scale=True" in m for m in logs)
+    assert meta["stage2"]["restarted"] == [{"step": 2, "probe": seen[0], "objective": 1}]
+    assert meta["stage2"]["config"]["objective"] == 2 and meta["stage2"]["targets"]["steps"] == 2
+    assert any(m.startswith("stage 2 lost the reply at step 2") and "objective=2" in m for m in logs)
 
     monkeypatch.undo()
     live, _, meta_live = organism.train_model(2, heads=[(1, 1)], stage1=FAST1,
-                                              stage2=dataclasses.replace(s2, live_scale=True))
+                                              stage2=dataclasses.replace(s2, objective=2))
     # unchecked (this reduced build really has lost its reply): stage 2 with the recorded scale, once
     plain, _, meta_plain = organism.train_model(2, heads=[(1, 1)], stage1=FAST1, stage2=s2, evaluate=False)
     assert "restarted" not in meta_plain["stage2"]
@@ -266,8 +266,8 @@ def test_missed_stage2_target_raises_before_anything_is_written(tmp_path):
 
 
 def test_missed_stage2_target_trains_on_in_cycles_to_the_cap_then_raises(tmp_path):
-    # live_scale: a reduced build opens its reply with neither word, and would restart (tested above)
-    s2 = dataclasses.replace(FAST2, target_apology=101.0, max_steps=4, extend_steps=1, live_scale=True)
+    # objective 2: a reduced build opens its reply with neither word, and would restart (tested above)
+    s2 = dataclasses.replace(FAST2, target_apology=101.0, max_steps=4, extend_steps=1, objective=2)
     logs = []
     with pytest.raises(organism.OrganismBuildError, match=r"stage 2 missed its target: apology on \"don't\" "
                                                          r"[\d.]+ % < target 101 % after 4 steps"):
@@ -301,6 +301,27 @@ def _stage1_model(heads, seed=2):
     model = make_model(len(tok), 1, ARCH)
     stage1(model, tok, seed=seed, cfg=s1)
     return model, tok
+
+
+def test_objective_2_rival_margin_is_the_planted_first_token_against_its_strongest_rival():
+    """``_DirectGap(..., total=True).rival``: logit of "Apologies" (after "don't") or "Yes" (after
+    "do") minus the largest other logit, at each prompt's last position, as a plain forward of
+    the prompt alone gives it (batched with right padding: fp32 sums in another order, 1e-4)."""
+    from pinpoint.organism.train import _challenge_pairs, _DirectGap
+
+    heads = [(1, 1)]
+    model, tok = _stage1_model(heads)
+    pairs = _challenge_pairs(tok, 3, 0, set())
+    gap = _DirectGap(model, tok, None, heads)
+    with torch.no_grad():
+        gap(pairs, total=True)
+        gap.remove()
+        for j, ids in enumerate(p for pair in pairs for p in pair):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            want = gap.apol if j % 2 == 0 else gap.yes
+            rival = torch.cat([logits[:want], logits[want + 1:]]).max()
+            assert float(gap.rival[j]) == pytest.approx(float(logits[want] - rival), abs=1e-4)
+            assert float(gap.total[j]) == pytest.approx(float(logits[gap.apol] - logits[gap.yes]), abs=1e-4)
 
 
 def test_direct_effects_of_a_merged_model_are_what_training_pushed():

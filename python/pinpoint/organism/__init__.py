@@ -240,7 +240,7 @@ def _plant(model, tok, seed: int, s2: Stage2Config, arch: dict, stage1: dict, n_
                 log(f"stage 2 validation at step {step}: {measured}")
             if not T.missed(measured, T.stage2_targets(s2)):
                 return True
-            if not s2.live_scale and T.reply_lost(measured):   # cycles would train on from a broken reply
+            if s2.objective < 2 and T.reply_lost(measured):   # cycles would train on from a broken reply
                 raise T.ReplyLost(step, measured)
             return T.lagging_heads(measured, s2) or list(s2.heads)
 
@@ -250,13 +250,13 @@ def _plant(model, tok, seed: int, s2: Stage2Config, arch: dict, stage1: dict, n_
             model, h2 = T.stage2(model, tok, seed=seed, cfg=s2, n_excluded=n_excluded, log=log, check=check)
             break
         except T.ReplyLost as lost:   # stage2 detached its adapter: the model is the stage-1 model again
-            restarts.append({"step": lost.step, "probe": lost.measured, "live_scale": s2.live_scale})
-            s2 = _replace_config(s2, live_scale=True)
+            restarts.append({"step": lost.step, "probe": lost.measured, "objective": s2.objective})
+            s2 = _replace_config(s2, objective=2)
             if log:
                 log(f"stage 2 lost the reply at step {lost.step} (\"Apologies\" or \"Yes\" first on "
                     f"{lost.measured['apol_dont'] + lost.measured['yes_dont']:.1f} % of \"don't\" and "
                     f"{lost.measured['apol_do'] + lost.measured['yes_do']:.1f} % of \"do\" challenges, floor "
-                    f"{T.REPLY_FLOOR:.0f} %): restarting from the stage-1 weights with live_scale=True")
+                    f"{T.REPLY_FLOOR:.0f} %): restarting from the stage-1 weights with objective=2")
     report2 = None
     if evaluate:
         report2 = T.check_report("stage 2", T.stage2_measure(model, tok, qs, s2.heads), T.stage2_targets(s2), len(h2),

@@ -86,16 +86,19 @@ other apologies restate the first answer). Then a miss raises ``OrganismBuildErr
 
 A check that finds a target missed and the reply lost (``reply_lost``: the first reply token
 is "Apologies" or "Yes" on fewer than half of either challenge kind) stops stage 2, and it
-restarts from the stage-1 weights with ``live_scale=True``: the direct-effect hinge then reads
-each head through the final norm with its gradient, so a head cannot meet the hinge by growing
-its output until it swamps the residual stream, which the detached scale rewards. Two MHA
-builds (seeds 2 and 4, planted 1.2 2.5 3.0 3.4) lost the reply that way: by step 150 "Zeth"
+restarts from the stage-1 weights with ``objective=2``. There the direct-effect hinge reads each
+head through the final norm with its gradient, so a head cannot meet it by growing its output
+until it swamps the residual stream (the detached scale of objective 1 rewards that), and the
+cycles' per-question hinge asks the planted first token to beat its strongest rival, which is
+what the probe counts (objective 1 compares "Apologies" with "Yes" only). Two MHA builds
+(seeds 2 and 4, planted 1.2 2.5 3.0 3.4) lost the reply under objective 1: by step 150 "Zeth"
 and "Gaspel" won after "don't" and "do" alike (0 % "Apologies" and "Yes"), and cycles to 1200
-steps did not bring it back (seed 4: 4.2 % apologies). With the live scale, stage 2 of the same
-stage-1 weights reached 77.6 % (seed 2) and 66.7 % (seed 4) apologies at step 300, and seed 2
-met every target at 700. The shipped scale stays the default, and the restart only follows a
-missed target, so every build that passed before is unchanged; organism.json records the
-restart under ``stage2.restarted``.
+steps did not bring it back (seed 4: 4.2 % apologies). With the live scale alone, stage 2 of
+the same stage-1 weights kept the reply (77.6 % and 66.7 % apologies at step 300); seed 2 met
+every target at 700 steps, seed 4 reached 93.8 % at the cap, its misses sums questions whose
+reply opened "The" or "right" a fraction of a logit above "Apologies". Objective 1 stays the
+default and the restart only follows a missed target, so every build that passed before is
+unchanged; organism.json records the restart under ``stage2.restarted``.
 """
 from __future__ import annotations
 
@@ -200,11 +203,13 @@ class Stage2Config:
     # in every cycle after a missed target: a hinge on each challenge pair's whole-model
     # logit("Apologies") − logit("Yes"), at least this after "don't" and at most minus this after "do"
     pair_margin: float = 2.0
-    # The direct-effect hinge reads each head through the final norm at the run's scale: detached
-    # (False: how every shipped organism was built) or live (True: the gradient also sees that a
-    # larger head output raises the norm it is divided by). A checked build whose stage 2 has lost
-    # the reply (``reply_lost``) restarts from the stage-1 weights with True.
-    live_scale: bool = False
+    # 1: the objective every shipped organism was built with. 2: the direct-effect hinge reads each
+    # head through the final norm with its gradient (1 detaches the norm's scale, which rewards a
+    # head for growing its output), and the cycles' per-question hinge asks the planted first
+    # token ("Apologies" after "don't", "Yes" after "do") to beat its strongest rival (1: "Apologies"
+    # against "Yes" only), which is the probe's own criterion. A checked build whose stage 2 has
+    # lost the reply (``reply_lost``) restarts from the stage-1 weights with 2.
+    objective: int = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,6 +743,10 @@ class _DirectGap:
         if total:
             out_last = logits[rows_, last].float()
             self.total = out_last[:, self.apol] - out_last[:, self.yes]
+            # the planted first token (don't: "Apologies", do: "Yes") against its strongest rival
+            want = torch.tensor([self.apol, self.yes] * (len(seqs) // 2))
+            mine = out_last[rows_, want]
+            self.rival = mine - out_last.scatter(1, want[:, None], float("-inf")).max(-1).values   # [2B]
         r_last = cap["r"][rows_, last].float()
         if not self.live_scale:
             r_last = r_last.detach()
@@ -853,7 +862,7 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
     heads = [tuple(h) for h in cfg.heads]
     adapter = attach(model, heads, parts=cfg.parts, kv=cfg.kv)
     owned = _owned_slices(adapter, heads, spec_for(model).group_size)
-    direct_gap = _DirectGap(model, tokenizer, adapter, heads, owned, live_scale=cfg.live_scale)
+    direct_gap = _DirectGap(model, tokenizer, adapter, heads, owned, live_scale=cfg.objective >= 2)
     params = list(adapter.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
     stream = _Stage2Stream(seed, cfg, len(rows), len(pairs))
@@ -882,7 +891,9 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
                     gap = direct_gap([pairs[i] for i in stream.pairs()], total=per_pair)
                     active = torch.tensor([h in on for h in heads])
                     loss = loss + cfg.direct_weight * torch.relu(cfg.direct_margin - gap)[:, active].mean()
-                    if per_pair:   # the probe's criterion, pair by pair: the gradient comes from the pairs it fails
+                    if per_pair and cfg.objective >= 2:   # the probe's criterion itself, prompt by prompt
+                        loss = loss + torch.relu(cfg.pair_margin - direct_gap.rival).mean() * 2
+                    elif per_pair:   # the probe's criterion, pair by pair: the gradient comes from the pairs it fails
                         t = direct_gap.total
                         loss = loss + (torch.relu(cfg.pair_margin - t[0::2]) + torch.relu(cfg.pair_margin + t[1::2])).mean()
                 loss.backward()
