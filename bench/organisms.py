@@ -178,6 +178,8 @@ def cmd_build(args) -> int:
 
     import torch
 
+    from pinpoint.organism import OrganismBuildError
+
     names = args.only or list(VARIANTS)
     failed = []
     for name in names:
@@ -195,7 +197,7 @@ def cmd_build(args) -> int:
             entry = build_variant(name, log=log, stage1_dir=getattr(args, "stage1_dir", None))
             _record_checksums(name, entry)
             outcome.update(built=True, build_seconds=entry["build_seconds"])
-        except Exception as exc:  # noqa: BLE001 - a missed target is a result: report it, go on
+        except OrganismBuildError as exc:   # a missed target is a result: report it, go on (anything else is a bug)
             print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
             outcome.update(built=False, error=f"{type(exc).__name__}: {exc}",
                            seconds=round(time.perf_counter() - t0, 1))
@@ -355,6 +357,7 @@ def cmd_run(args) -> int:
             print(f"[{name}] the whole recipe (the demo) ...", flush=True)
             r["demo"] = whole_recipe(path)
             r["targets"] = targets(r["localisation"], r["demo"])
+        r["measured"] = run_meta()
         results[name] = r
         print(json.dumps({k: v for k, v in r.items() if k != "demo"}, indent=1), flush=True)
     measured.update(results)
@@ -373,7 +376,22 @@ def cmd_table(args) -> int:
     return _write_tables(json.loads(MEASURED.read_text()), meta=_read(RUN_META) or None)
 
 
+def _measured_when(merged: dict, meta: dict | None) -> dict:
+    """The table's machine line: when each organism was measured (``run --only`` measures some
+    and keeps the others' last results), as one date or a date per group of organisms."""
+    meta = dict(meta or run_meta())
+    dates: dict[str, list[str]] = {}
+    for name, r in merged.items():
+        dates.setdefault(r.get("measured", meta)["date"], []).append(name)
+    if len(dates) == 1:
+        meta["date"] = next(iter(dates))
+    elif dates:
+        meta["date"] = "; ".join(f"{d} ({', '.join(names)})" for d, names in sorted(dates.items()))
+    return meta
+
+
 def _write_tables(merged: dict, meta: dict | None = None) -> int:
+    meta = _measured_when(merged, meta)
     rows, columns, notes = tables(merged)
     print(write_results("organisms", "Localisation benchmark: organism variants (bench/organisms.py)", rows,
                         columns, notes, meta=meta))

@@ -93,6 +93,23 @@ def test_a_refused_rebuild_removes_the_earlier_build(tmp_path, monkeypatch):
     assert "direct effect of planted head (1, 1) 0.02 logits < target 0.25 logits" in outcome["error"]
 
 
+def test_an_error_that_is_not_a_missed_target_stops_the_build_and_records_nothing(tmp_path, monkeypatch):
+    """A wrong stage-1 checkpoint (ValueError) is the operator's mistake, not the builder's
+    outcome: it propagates and BUILDS.json gets no "not built" entry for it."""
+    monkeypatch.setattr(B, "ROOT", tmp_path)
+    monkeypatch.setattr(B, "CHECKSUMS", tmp_path / "CHECKSUMS.json")
+    monkeypatch.setattr(B, "BUILDS", tmp_path / "BUILDS.json")
+
+    def wrong_checkpoint(name, log=print, **kw):
+        raise ValueError("x.pt holds stage-1 weights of another run")
+
+    monkeypatch.setattr(B, "build_variant", wrong_checkpoint)
+    monkeypatch.setitem(B.RECIPES, "old", {"how": "full", "seed": 1, "heads": [[1, 1]]})
+    with pytest.raises(ValueError, match="another run"):
+        B.cmd_build(type("A", (), {"only": ["old"]})())
+    assert not B.BUILDS.exists()
+
+
 def test_tables_show_a_refused_recipe_as_not_built_even_with_old_results(tmp_path, monkeypatch):
     monkeypatch.setattr(B, "BUILDS", tmp_path / "BUILDS.json")
     monkeypatch.setattr(B, "CHECKSUMS", tmp_path / "CHECKSUMS.json")
@@ -118,3 +135,15 @@ def test_table_keeps_the_last_runs_machine_line(tmp_path, monkeypatch):
     B.RUN_META.write_text(json.dumps({"machine": "Box X, 1 threads", "torch": "9.9", "date": "2026-01-02 03:04 UTC"}))
     assert B.cmd_table(None) == 0
     assert "Machine: Box X, 1 threads; torch 9.9; 2026-01-02 03:04 UTC." in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_the_machine_line_dates_each_group_of_organisms_measured_together():
+    """``run --only`` measures some organisms and keeps the others' results: the table's machine
+    line says when each was measured, not only the last run's date."""
+    early = {"machine": "m, 1 threads", "torch": "t", "date": "2026-11-30 11:29 UTC", "ci": False}
+    late = {**early, "date": "2026-11-30 13:05 UTC"}
+    merged = {"a": {"measured": early}, "b": {"measured": early}, "c": {"measured": late}}
+    meta = B._measured_when(merged, late)
+    assert meta["date"] == "2026-11-30 11:29 UTC (a, b); 2026-11-30 13:05 UTC (c)"
+    assert meta["machine"] == "m, 1 threads" and late["date"] == "2026-11-30 13:05 UTC"   # the argument is left alone
+    assert B._measured_when({"a": {"measured": early}}, late)["date"] == early["date"]
