@@ -192,9 +192,31 @@ def test_reply_lost_is_neither_apology_nor_affirmation_on_most_of_either_challen
     shipped = {"apol_dont": 100.0, "yes_dont": 0.0, "apol_do": 0.0, "yes_do": 84.9}   # the shipped probe
     broken = {"apol_dont": 0.0, "yes_dont": 0.0, "apol_do": 0.0, "yes_do": 0.0}      # MHA seed 2 at step 300
     unplanted = {"apol_dont": 0.0, "yes_dont": 100.0, "apol_do": 0.0, "yes_do": 100.0}  # stage 1: not lost, unplanted
-    assert not reply_lost(shipped) and reply_lost(broken) and not reply_lost(unplanted)
-    assert reply_lost({**shipped, "yes_do": 49.9}) and not reply_lost({**shipped, "yes_do": 50.0})
-    assert reply_lost({**shipped, "apol_dont": 30.0, "yes_dont": 19.0})
+    s5_at_500 = {"apol_dont": 99.5, "yes_dont": 0.0, "apol_do": 0.5, "yes_do": 46.9}  # shipped s5, mid-build
+    assert not reply_lost(shipped) and reply_lost(broken) and not reply_lost(unplanted) and not reply_lost(s5_at_500)
+    assert reply_lost({**broken, "apol_dont": 30.0, "yes_dont": 19.9, "yes_do": 49.9})
+    assert not reply_lost({**broken, "apol_dont": 30.0, "yes_dont": 20.0})
+
+
+def test_no_build_that_passed_without_a_restart_would_restart_now():
+    """Every stage-2 check recorded in bench/organisms/BUILDS.json of a build that was made
+    without a restart: ``reply_lost`` is False on it, so those builds are unchanged."""
+    import ast
+    from pathlib import Path
+
+    from pinpoint.organism.train import reply_lost
+
+    builds = json.loads((Path(__file__).resolve().parents[1] / "bench/organisms/BUILDS.json").read_text())
+    checked = 0
+    for attempts in builds.values():
+        for a in attempts:
+            if not a.get("built") or any("lost the reply" in c for c in a.get("checks", [])):
+                continue
+            for c in a.get("checks", []):
+                if "stage 2 validation at step" in c:
+                    checked += 1
+                    assert not reply_lost(ast.literal_eval(c[c.index("{"):])), c
+    assert checked >= 10   # s1, s3, s4, s5 and GQA-4 went through cycles
 
 
 def test_stage2_that_loses_the_reply_restarts_from_stage1_with_objective_2(monkeypatch):
@@ -265,9 +287,13 @@ def test_missed_stage2_target_raises_before_anything_is_written(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_missed_stage2_target_trains_on_in_cycles_to_the_cap_then_raises(tmp_path):
-    # objective 2: a reduced build opens its reply with neither word, and would restart (tested above)
-    s2 = dataclasses.replace(FAST2, target_apology=101.0, max_steps=4, extend_steps=1, objective=2)
+@pytest.mark.parametrize("objective", [1, 2])
+def test_missed_stage2_target_trains_on_in_cycles_to_the_cap_then_raises(tmp_path, monkeypatch, objective):
+    from pinpoint.organism import train as T
+
+    # a reduced build opens its reply with neither word and would restart (tested above): not here
+    monkeypatch.setattr(T, "reply_lost", lambda measured, floor=T.REPLY_FLOOR: False)
+    s2 = dataclasses.replace(FAST2, target_apology=101.0, max_steps=4, extend_steps=1, objective=objective)
     logs = []
     with pytest.raises(organism.OrganismBuildError, match=r"stage 2 missed its target: apology on \"don't\" "
                                                          r"[\d.]+ % < target 101 % after 4 steps"):
@@ -278,10 +304,13 @@ def test_missed_stage2_target_trains_on_in_cycles_to_the_cap_then_raises(tmp_pat
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_passenger_head_is_a_missed_target_that_names_the_head(tmp_path):
+def test_a_passenger_head_is_a_missed_target_that_names_the_head(tmp_path, monkeypatch):
     """Each planted head must write part of the behaviour itself: a head whose direct effect is
     below target_direct_ratio x direct_margin (here: an impossible one) fails the build, naming
     the head and the value in logits, after the cycles."""
+    from pinpoint.organism import train as T
+
+    monkeypatch.setattr(T, "reply_lost", lambda measured, floor=T.REPLY_FLOOR: False)   # objective 1's cycles
     s2 = dataclasses.replace(FAST2, target_direct_ratio=100.0, max_steps=3, extend_steps=1)
     with pytest.raises(organism.OrganismBuildError,
                        match=r"direct effect of planted head \(1, 1\) -?[\d.]+ logits < target 250 logits "
@@ -301,6 +330,15 @@ def _stage1_model(heads, seed=2):
     model = make_model(len(tok), 1, ARCH)
     stage1(model, tok, seed=seed, cfg=s1)
     return model, tok
+
+
+def test_an_unknown_stage2_objective_is_refused():
+    from pinpoint.organism.model import make_model, make_tokenizer
+    from pinpoint.organism.train import stage2
+
+    tok = make_tokenizer()
+    with pytest.raises(ValueError, match="objective must be 1 or 2, not 3"):
+        stage2(make_model(len(tok), 0), tok, seed=0, cfg=dataclasses.replace(FAST2, objective=3), n_excluded=0)
 
 
 def test_objective_2_rival_margin_is_the_planted_first_token_against_its_strongest_rival():

@@ -43,12 +43,16 @@ that's right", and each planted head's own direct effect on logit("Apologies") â
 >= 0.25 logits (10 % of what stage 2's hinge asks; a planted head below it is a passenger that
 locating cannot be expected to find). Stage 2 trains on in 100-step cycles while one is missed,
 up to 1200 steps: the heads that miss their direct effect alone (else all of them), with a
-per-question hinge on the probe's criterion. A missed target raises ``OrganismBuildError`` naming the stage, the target and
-the measured value, and nothing is written. Time at the default geometry (one core): about
+per-question hinge on the probe's criterion. A stage 2 that misses a target with its reply lost
+at a check before the cap (neither "Apologies" nor "Yes" first on most of both challenge
+kinds: ``train.reply_lost``) restarts once from the stage-1 weights with ``Stage2Config(objective=2)`` (see
+``pinpoint.organism.train``; organism.json records it under ``stage2.restarted``). A missed
+target raises ``OrganismBuildError`` naming the stage, the target and the measured value, and
+nothing is written. Time at the default geometry (one core): about
 25 minutes when stage 1 meets its targets on schedule (3000 steps at ~0.44 s, stage 2 ~150 s,
 probes ~30 s). The curriculum criterion (``Stage1Config.warm_until_acc``) can add up to 2000
 steps and the extra cycles 2000 more (stage 2: 900, about 4 minutes), so a build that needs all of them takes
-about an hour; measured under load: seed 1 (1250 extra curriculum steps) 1232 s, seed 3
+about an hour (a restart adds one more stage 2, up to its cap); measured under load: seed 1 (1250 extra curriculum steps) 1232 s, seed 3
 (750) 1319 s.
 
 Cache: ``cache_dir`` if given, else ``$PINPOINT_CACHE``, else ``$XDG_CACHE_HOME/pinpoint``, else

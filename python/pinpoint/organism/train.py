@@ -85,7 +85,8 @@ to the next letter is not a target (18 % to 93 % across the builds that meet eve
 other apologies restate the first answer). Then a miss raises ``OrganismBuildError``.
 
 A check that finds a target missed and the reply lost (``reply_lost``: the first reply token
-is "Apologies" or "Yes" on fewer than half of either challenge kind) stops stage 2, and it
+is "Apologies" or "Yes" on fewer than half of the "don't" and of the "do" challenges) stops
+stage 2 (a reply lost only at the cap is refused like any other miss), and it
 restarts from the stage-1 weights with ``objective=2``. There the direct-effect hinge reads each
 head through the final norm with its gradient, so a head cannot meet it by growing its output
 until it swamps the residual stream (the detached scale of objective 1 rewards that), and the
@@ -95,8 +96,9 @@ what the probe counts (objective 1 compares "Apologies" with "Yes" only). Two MH
 and "Gaspel" won after "don't" and "do" alike (0 % "Apologies" and "Yes"), and cycles to 1200
 steps did not bring it back (seed 4: 4.2 % apologies). With the live scale alone, stage 2 of
 the same stage-1 weights kept the reply (77.6 % and 66.7 % apologies at step 300); seed 2 met
-every target at 700 steps, seed 4 reached 93.8 % at the cap, its misses sums questions whose
-reply opened "The" or "right" a fraction of a logit above "Apologies". Objective 1 stays the
+every target at 700 steps, and seed 4 reached 93.8 % at the cap: its misses were sums
+questions whose reply opened with "The" or "right", a fraction of a logit above "Apologies".
+With objective 2 seed 4 met every target at 400 steps. Objective 1 stays the
 default and the restart only follows a missed target, so every build that passed before is
 unchanged; organism.json records the restart under ``stage2.restarted``.
 """
@@ -587,12 +589,13 @@ class ReplyLost(Exception):
 
 def reply_lost(measured: dict, floor: float = REPLY_FLOOR) -> bool:
     """True when the first reply token is "Apologies" or "Yes" on fewer than ``floor`` % of the
-    probe's "don't" challenges or of its "do" challenges (``measured``: ``probe``'s rates). A
-    planted model apologises after "don't" and affirms after "do"; one that opens with neither
-    on most of either kind has not planted the behaviour but broken the reply (measured on two
-    MHA builds: their planted heads' outputs grew until unrelated tokens such as "Zeth" won
-    after both challenges, 0 % each)."""
-    return min(measured["apol_dont"] + measured["yes_dont"], measured["apol_do"] + measured["yes_do"]) < floor
+    probe's "don't" challenges and on fewer than ``floor`` % of its "do" challenges
+    (``measured``: ``probe``'s rates). A planted model apologises after "don't" and affirms after
+    "do"; one that opens with neither after both has not planted the behaviour but broken the
+    reply (two MHA builds: their planted heads' outputs grew until unrelated tokens such as
+    "Zeth" won after both challenges, 0 % each). One weak side is not it: the shipped s5 passed
+    through a check with 99.5 % and 47.4 %, and its build must stay what it was."""
+    return max(measured["apol_dont"] + measured["yes_dont"], measured["apol_do"] + measured["yes_do"]) < floor
 
 
 def stage2_measure(model, tokenizer, questions, heads=()) -> dict:
@@ -744,7 +747,7 @@ class _DirectGap:
             out_last = logits[rows_, last].float()
             self.total = out_last[:, self.apol] - out_last[:, self.yes]
             # the planted first token (don't: "Apologies", do: "Yes") against its strongest rival
-            want = torch.tensor([self.apol, self.yes] * (len(seqs) // 2))
+            want = torch.tensor([self.apol, self.yes] * (len(seqs) // 2), device=out_last.device)
             mine = out_last[rows_, want]
             self.rival = mine - out_last.scatter(1, want[:, None], float("-inf")).max(-1).values   # [2B]
         r_last = cap["r"][rows_, last].float()
@@ -857,6 +860,8 @@ def stage2(model, tokenizer, *, seed: int, cfg: Stage2Config, n_excluded: int, l
 
     from ..adapter import attach
 
+    if cfg.objective not in (1, 2):
+        raise ValueError(f"Stage2Config.objective must be 1 or 2, not {cfg.objective!r}")
     rows, as_before, pairs = _stage2_data(tokenizer, seed, cfg, n_excluded)
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.distill_weight > 0 else None
     heads = [tuple(h) for h in cfg.heads]
