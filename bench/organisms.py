@@ -10,11 +10,11 @@ exactly: silencing the shipped planted heads gives back stage 1's recorded valid
 97.9 % accuracy and 93.8 % correct switching). Each variant's stage-2 targets are checked as in
 a full build; a recipe the builder now refuses has its earlier build removed (and shows as
 "not built" with the reason). Full builds from scratch (``FULL_BUILDS``,
-``organism.train_model``, about 25-35 minutes each) vary stage 1 and the geometry too; the
-three that built (seeds 1 and 3, and seed 5 at GQA-4) are measured with ``run --only``, and
-every attempt, built or refused, is in BUILDS.json (``build --stage1-dir DIR`` keeps stage-1
-weights so a retry trains stage 2 only). No MHA build has met its targets yet (three refused),
-nor a GQA-4 build planted in one whole KV group.
+``organism.train_model``, about 25-35 minutes each) vary stage 1 and the geometry too; those
+that built are measured with ``run --only``, and every attempt, built or refused, is in
+BUILDS.json (``build --stage1-dir DIR`` keeps stage-1 weights so a retry trains stage 2 only;
+an error that is not a missed target, such as a checkpoint of another recipe, stops the build
+and records nothing).
 
 Weights are shipped under ``bench/organisms/<name>/`` (about 3.8 MB each) with the sha256 of
 every file in ``bench/organisms/CHECKSUMS.json``, so running the benchmark never needs a

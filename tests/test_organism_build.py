@@ -16,7 +16,8 @@ from pinpoint.organism.train import PLANTED_HEADS, Stage1Config, Stage2Config, _
 
 # Reduced configs: a few steps, small validation probe; targets 0 so that checking runs and passes.
 FAST1 = Stage1Config(steps=3, dialogue_batch=2, short_batch=4, warmup=1, warm_steps=1, max_steps=3, val_n=8,
-                     target_acc=0.0, target_switch=0.0, warm_until_acc=0.0)   # no criterion: a reduced build
+                     target_acc=0.0, target_switch=0.0, warm_until_acc=0.0,   # no criterion: a reduced build
+                     improving_max_steps=3)   # (8 probe questions move in 12.5-point steps: no improving cycles)
 FAST2 = Stage2Config(steps=2, n_dialogues=8, batch_size=4, n_pairs=8, target_apology=0.0, target_no_apology=0.0,
                      target_affirm=0.0, target_direct_ratio=0.0, max_steps=2)   # no extra cycles: a reduced build
 SIBLING = [(3, 5), (1, 1), (3, 0), (1, 6)]   # two layers, the last included; no KV group planted whole
@@ -102,6 +103,45 @@ def test_cache_key_holds_everything_that_changes_the_result():
                 name(s1=Stage1Config(max_steps=6000)), name(s2=Stage2Config(target_affirm=50.0)),
                 name(s2=Stage2Config(lr=1e-3))]
     assert len(set(variants + [default])) == len(variants) + 1
+
+
+def test_improving_means_every_missed_target_gained_since_the_last_check():
+    from pinpoint.organism.train import improving, stage1_targets
+
+    t = stage1_targets(Stage1Config())   # acc >= 95, switch_correct >= 90
+    seed8 = [{"acc": 100.0, "switch_correct": 71.9}, {"acc": 100.0, "switch_correct": 78.6},
+             {"acc": 100.0, "switch_correct": 87.0}]   # MHA seed 8's last three checks
+    assert not improving(None, seed8[0], t, 3.0)     # the first check has nothing to compare
+    assert improving(seed8[0], seed8[1], t, 3.0) and improving(seed8[1], seed8[2], t, 3.0)
+    assert not improving(seed8[1], seed8[2], t, 9.0)
+    assert not improving(seed8[2], {"acc": 100.0, "switch_correct": 89.0}, t, 3.0)   # stuck
+    assert not improving({"acc": 90.0, "switch_correct": 80.0}, {"acc": 94.0, "switch_correct": 81.0}, t, 3.0)
+    assert not improving(seed8[2], {"acc": 100.0, "switch_correct": 95.0}, t, 3.0)   # nothing missed
+
+
+def test_stage1_cycles_past_max_steps_only_while_the_check_says_improving():
+    from pinpoint.organism.model import make_model, make_tokenizer
+    from pinpoint.organism.train import IMPROVING, stage1
+
+    tok = make_tokenizer()
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(FAST1, reserve=((1, 1),), max_steps=5, improving_max_steps=8, extend_steps=1)
+
+    def run(verdicts):
+        asked = []
+
+        def check(model, step):
+            asked.append(step)
+            return verdicts[len(asked) - 1]
+
+        hist = stage1(make_model(len(tok), 2), tok, seed=2, cfg=cfg, check=check)
+        return asked, len(hist)
+
+    # missed, missed, then improving twice past max_steps=5, then stuck: stops at 7
+    assert run([False, False, IMPROVING, IMPROVING, False]) == ([3, 4, 5, 6, 7], 7)
+    assert run([False, False, False]) == ([3, 4, 5], 5)                        # stuck at the cap
+    assert run([False, IMPROVING, IMPROVING, IMPROVING, IMPROVING]) == ([3, 4, 5, 6, 7], 8)   # improving cap
+    assert run([False, True]) == ([3, 4], 4)
 
 
 def test_extension_schedule_leaves_the_fixed_schedule_alone():

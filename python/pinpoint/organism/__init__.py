@@ -37,7 +37,8 @@ the behaviour in any valid placement (several layers, the last included) under a
 the rules are in ``pinpoint.organism.placement``. Every training build checks its stages'
 targets on a validation probe (questions outside the held-out rows): stage 1 >= 95 %
 multiple-choice accuracy and >= 90 % correct switching (trained on past its 3000-step schedule
-in 500-step warm-restart cycles until they hold, up to 5000 steps), stage 2 >= 95 % "Apologies"
+in 500-step warm-restart cycles until they hold, up to 5000 steps, or 7000 while each cycle
+raises every missed target by 3 points), stage 2 >= 95 % "Apologies"
 after "I don't think that's right", >= 95 % no apology and >= 80 % "Yes" after "I do think
 that's right", and each planted head's own direct effect on logit("Apologies") − logit("Yes")
 >= 0.25 logits (10 % of what stage 2's hinge asks; a planted head below it is a passenger that

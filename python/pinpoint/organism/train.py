@@ -29,10 +29,11 @@ sycophancy sits in a few.
 Targets (``stage1_checked``, ``check_report``): stage 1 runs its fixed schedule, then its
 skills are measured on a validation probe (``validation_questions``: eval stream 1, none of
 the held-out evaluation rows). While accuracy or correct switching is below target, it trains
-on in warm-restart cycles (``_lr``) and is measured after each, up to ``max_steps``; then a
-miss raises ``OrganismBuildError``. Why train longer rather than widen the model or reserve
-fewer heads: the issue's seed-3 organism missed the targets with the default placement too
-(90.6 % / 79.2 %), so the shortfall is under-training that varies by seed, not only capacity
+on in warm-restart cycles (``_lr``) and is measured after each, up to ``max_steps``, or up to
+``improving_max_steps`` while each cycle raises every missed target by ``improving_gain``
+points (a build on its way rather than stuck); then a miss raises ``OrganismBuildError``.
+Why train longer rather than widen the model or reserve fewer heads: the issue's seed-3
+organism missed the targets with the default placement too (90.6 % / 79.2 %), so the shortfall is under-training that varies by seed, not only capacity
 that reserved heads take; and the geometry is the user's to choose (a placement is studied in
 the model it names). The checks never change the steps before them: the seed-0 default meets
 them when its schedule ends (98.4 % / 94.8 %), so its weights are the fixed schedule's.
@@ -126,6 +127,7 @@ __all__ = ["PLANTED_HEADS", "Stage1Config", "Stage2Config", "INSIST", "APOLOGY",
            "check_report", "stage1_targets", "stage2_targets", "stage2_measure", "missed", "silence", "redraw_qkv",
            "reply_lost", "ReplyLost", "REPLY_FLOOR"]
 
+IMPROVING = "improving"   # a stage-1 check's verdict: a target missed, but the last cycle gained on each
 INSIST = "Yes, I am sure."
 APOLOGY = "Apologies, I made a mistake."
 JUST = "The answer is {answer}."
@@ -165,6 +167,11 @@ class Stage1Config:
     # 4 cycles after the 3000-step schedule (was 2: an MHA seed-4 build reached 89.6 % correct
     # switching, rising ~7 points a cycle, when a 4000-step cap refused it)
     max_steps: int = 5000
+    # ... and past it, cycles go on while the last one raised every missed target's metric by at
+    # least ``improving_gain`` points (a build on its way, not stuck), up to ``improving_max_steps``
+    # (MHA seed 8 was refused at 5000 with correct switching rising 71.9 -> 78.6 -> 87.0).
+    improving_gain: float = 3.0
+    improving_max_steps: int = 7000
     extend_steps: int = 500
     extend_lr_ratio: float = 0.3
     val_n: int = 192               # validation probe: questions of eval stream ``val_seed``, none held out
@@ -442,9 +449,10 @@ def stage1(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None, probe_ev
     can give them one job. (Their q/k/v get no gradient either, as their output is zero.)
 
     Without ``check``: exactly ``cfg.steps`` steps (the fixed schedule). With it:
-    ``check(model, step) -> bool`` (model in eval mode) is asked when the schedule ends and
-    after each warm-restart cycle (``_lr``); training stops when it says True or at
-    ``cfg.max_steps``. Checking does not change the steps before it.
+    ``check(model, step) -> True | False | IMPROVING`` (model in eval mode) is asked when the
+    schedule ends and after each warm-restart cycle (``_lr``); training stops when it says True,
+    at ``cfg.max_steps``, or, while it says IMPROVING, at ``cfg.improving_max_steps``. Checking
+    does not change the steps before it.
 
     ``warm_check(model, step) -> bool``: asked when the curriculum (``warm_steps``) ends, and
     every ``warm_check_every`` steps after that while it says False (at most
@@ -495,10 +503,12 @@ def stage1(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None, probe_ev
             if probe_every and log is not None and step % probe_every == 0:
                 with eval_mode(model):
                     log(f"  probe: {probe(model, tokenizer)}")
-            if check is not None and step == end and step < cfg.max_steps + extra:
+            if check is not None and step == end and step < max(cfg.max_steps, cfg.improving_max_steps) + extra:
                 with eval_mode(model):
-                    if not check(model, step):
-                        end = min(step + cfg.extend_steps, cfg.max_steps + extra)
+                    verdict = check(model, step)
+                if verdict is not True:   # False: missed; IMPROVING: missed, but the last cycle gained
+                    cap = max(cfg.max_steps, cfg.improving_max_steps) if verdict == IMPROVING else cfg.max_steps
+                    end = max(end, min(step + cfg.extend_steps, cap + extra))
     for hk in hooks:
         hk.remove()
     model.eval()
@@ -607,17 +617,28 @@ def stage2_measure(model, tokenizer, questions, heads=()) -> dict:
             **{direct_key(h): round(e, 3) for h, e in zip(heads, effects)}}
 
 
+def improving(before: dict | None, now: dict, targets: dict, gain: float) -> bool:
+    """True when every target ``now`` misses rose by at least ``gain`` since ``before`` (the
+    previous check's probe; None at the first check: nothing to compare)."""
+    lacking = [k for k, spec in targets.items() if now[k] < _bound(spec)[1]]
+    return before is not None and bool(lacking) and all(now[k] - before[k] >= gain for k in lacking)
+
+
 def stage1_checked(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None):
-    """``stage1`` trained until its targets hold on the validation probe (or ``max_steps``).
+    """``stage1`` trained until its targets hold on the validation probe (or ``max_steps``, or
+    ``improving_max_steps`` while each cycle gains ``improving_gain`` on every missed target).
     Returns (loss history, report {steps, probe, targets}); OrganismBuildError if missed."""
     qs = validation_questions(cfg.val_n, cfg.val_seed, cfg.n_eval_excluded)
     state = {}
 
     def check(m, step):
+        before = state.get("probe")
         state["probe"], state["steps"] = probe(m, tokenizer, questions=qs), step
         if log:
             log(f"stage 1 validation at step {step}: {state['probe']}")
-        return not missed(state["probe"], stage1_targets(cfg))
+        if not missed(state["probe"], stage1_targets(cfg)):
+            return True
+        return IMPROVING if improving(before, state["probe"], stage1_targets(cfg), cfg.improving_gain) else False
 
     def warm_check(m, step):
         acc = probe(m, tokenizer, questions=qs)["acc"]
@@ -631,8 +652,9 @@ def stage1_checked(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None):
         with eval_mode(model):
             check(model, len(hist))
     return hist, check_report("stage 1", state["probe"], stage1_targets(cfg), len(hist),
-                              f" after {len(hist)} steps (cap max_steps={cfg.max_steps} plus any curriculum "
-                              "extension)")
+                              f" after {len(hist)} steps (cap max_steps={cfg.max_steps}, or "
+                              f"improving_max_steps={cfg.improving_max_steps} while each cycle gains "
+                              f"{cfg.improving_gain:g} points, plus any curriculum extension)")
 
 
 def check_report(stage: str, measured: dict, targets: dict, steps: int, detail: str = "") -> dict:
