@@ -22,7 +22,8 @@ heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
   planted 1.1 1.6 3.0 3.5) the scores alone kept 3.0 and 3.5, yet ablating them left the
   apology metric at 0.87 of 3.32 and ablating 1.1 and 1.6 as well took it to −0.68; SPT on
   the two heads stopped the apology (confidence 94.6) but not the switch (truthfulness 65.5).
-  On the ten benchmark organisms, the 90 % point of the curve is exactly the planted heads.
+  On eleven of the fourteen benchmark organisms the 90 % point of the curve is exactly the
+  planted heads; on MHA seeds 4 and 8 it keeps 3 of 4, on the one-group GQA-4 build 2 of 4.
 * **Learning rate and steps** (:func:`choose_lr`): the training dialogues are split once
   (seeded) into a training part and a validation part (``VAL_FRACTION`` = 20 %). Steps are
   ``EPOCHS`` (4) passes over the training part at the given batch size, which is what the
