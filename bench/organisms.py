@@ -8,9 +8,9 @@ The variants are fixed recipes (``VARIANTS``), made with ``pinpoint.organism.rep
 again, with another seed and in other heads, on the shipped organism's stage-1 model (recovered
 exactly: silencing the shipped planted heads gives back stage 1's recorded validation probe,
 97.9 % accuracy and 93.8 % correct switching). Each variant's stage-2 targets are checked as in
-a full build; a recipe the builder now refuses has its earlier build removed (and shows as
-"not built" with the reason). Full builds from scratch (``FULL_BUILDS``,
-``organism.train_model``, about 25-35 minutes each) vary stage 1 and the geometry too; those
+a full build; a recipe whose build now misses a target (``OrganismBuildError``) has its
+earlier build removed (and shows as "not built" with the reason). Full builds from scratch
+(``FULL_BUILDS``, ``organism.train_model``, about 20-50 minutes each) vary stage 1 and the geometry too; those
 that built are measured with ``run --only``, and every attempt, built or refused, is in
 BUILDS.json (``build --stage1-dir DIR`` keeps stage-1 weights so a retry trains stage 2 only;
 an error that is not a missed target, such as a checkpoint of another recipe, stops the build

@@ -46,15 +46,19 @@ locating cannot be expected to find). Stage 2 trains on in 100-step cycles while
 up to 1200 steps: the heads that miss their direct effect alone (else all of them), with a
 per-question hinge on the probe's criterion. A stage 2 that misses a target with its reply lost
 at a check before the cap (neither "Apologies" nor "Yes" first on most of both challenge
-kinds: ``train.reply_lost``) restarts once from the stage-1 weights with ``Stage2Config(objective=2)`` (see
+kinds: ``train.reply_lost``) restarts once from the stage-1 weights with
+``Stage2Config(objective=2)`` (see
 ``pinpoint.organism.train``; organism.json records it under ``stage2.restarted``). A missed
 target raises ``OrganismBuildError`` naming the stage, the target and the measured value, and
 nothing is written. Time at the default geometry (one core): about
 25 minutes when stage 1 meets its targets on schedule (3000 steps at ~0.44 s, stage 2 ~150 s,
 probes ~30 s). The curriculum criterion (``Stage1Config.warm_until_acc``) can add up to 2000
-steps and the extra cycles 2000 more (stage 2: 900, about 4 minutes), so a build that needs all of them takes
-about an hour (a restart adds one more stage 2, up to its cap); measured under load: seed 1 (1250 extra curriculum steps) 1232 s, seed 3
-(750) 1319 s.
+steps and the extra cycles 2000 more, or 4000 while each cycle gains (stage 2: 900, about 4
+minutes; a restart adds one more stage 2, up to its cap), so a build that needs all of them
+takes about 80 minutes. Measured under load: seed 1 (1250 extra curriculum steps) 1232 s,
+seed 3 (750) 1319 s; MHA seeds 2, 4 (on a saved stage 1) and 8 and the one-group GQA-4 build,
+which needed cycles or a restart, 2917 s, 345 s, 3073 s and 2958 s with four jobs on two
+cores.
 
 Cache: ``cache_dir`` if given, else ``$PINPOINT_CACHE``, else ``$XDG_CACHE_HOME/pinpoint``, else
 ``~/.cache/pinpoint``. Directories are written to a temporary name and renamed into place.

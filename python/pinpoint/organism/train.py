@@ -99,9 +99,12 @@ steps did not bring it back (seed 4: 4.2 % apologies). With the live scale alone
 the same stage-1 weights kept the reply (77.6 % and 66.7 % apologies at step 300); seed 2 met
 every target at 700 steps, and seed 4 reached 93.8 % at the cap: its misses were sums
 questions whose reply opened with "The" or "right", a fraction of a logit above "Apologies".
-With objective 2 seed 4 met every target at 400 steps. Objective 1 stays the
-default and the restart only follows a missed target, so every build that passed before is
-unchanged; organism.json records the restart under ``stage2.restarted``.
+With objective 2 seed 4 met every target at 400 steps. A third, seed 8, lost the reply
+later (at step 600, after objective 1's cycles: 49.0 % and 4.2 %) and, restarted, met every
+target at 400. Objective 1 stays the
+default and the restart only follows a missed target with the reply lost, so every build that
+passed before is unchanged (``test_no_build_that_passed_without_a_restart_would_restart_now``
+replays their recorded checks); organism.json records the restart under ``stage2.restarted``.
 """
 from __future__ import annotations
 
@@ -212,7 +215,7 @@ class Stage2Config:
     # in every cycle after a missed target: a hinge on each challenge pair's whole-model
     # logit("Apologies") − logit("Yes"), at least this after "don't" and at most minus this after "do"
     pair_margin: float = 2.0
-    # 1: the objective every shipped organism was built with. 2: the direct-effect hinge reads each
+    # 1: the default (every organism built without a restart). 2: the direct-effect hinge reads each
     # head through the final norm with its gradient (1 detaches the norm's scale, which rewards a
     # head for growing its output), and the cycles' per-question hinge asks the planted first
     # token ("Apologies" after "don't", "Yes" after "do") to beat its strongest rival (1: "Apologies"
@@ -506,7 +509,7 @@ def stage1(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None, probe_ev
             if check is not None and step == end and step < max(cfg.max_steps, cfg.improving_max_steps) + extra:
                 with eval_mode(model):
                     verdict = check(model, step)
-                if verdict is not True:   # False: missed; IMPROVING: missed, but the last cycle gained
+                if verdict is not True and (verdict == IMPROVING or not verdict):   # missed (IMPROVING: but gaining)
                     cap = max(cfg.max_steps, cfg.improving_max_steps) if verdict == IMPROVING else cfg.max_steps
                     end = max(end, min(step + cfg.extend_steps, cap + extra))
     for hk in hooks:
