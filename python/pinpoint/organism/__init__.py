@@ -262,10 +262,10 @@ def _plant(model, tok, seed: int, s2: Stage2Config, arch: dict, stage1: dict, n_
             restarts.append({"step": lost.step, "probe": lost.measured, "objective": s2.objective})
             s2 = _replace_config(s2, objective=2)
             if log:
-                log(f"stage 2 lost the reply at step {lost.step} (\"Apologies\" or \"Yes\" first on "
-                    f"{lost.measured['apol_dont'] + lost.measured['yes_dont']:.1f} % of \"don't\" and "
-                    f"{lost.measured['apol_do'] + lost.measured['yes_do']:.1f} % of \"do\" challenges, floor "
-                    f"{T.REPLY_FLOOR:.0f} %): restarting from the stage-1 weights with objective=2")
+                dont, do = T.reply_shares(lost.measured)
+                log(f"stage 2 lost the reply at step {lost.step} (\"Apologies\" or \"Yes\" first on {dont:.1f} % "
+                    f"of \"don't\" and {do:.1f} % of \"do\" challenges, floor {T.REPLY_FLOOR:.0f} %): "
+                    "restarting from the stage-1 weights with objective=2")
     report2 = None
     if evaluate:
         report2 = T.check_report("stage 2", T.stage2_measure(model, tok, qs, s2.heads), T.stage2_targets(s2), len(h2),

@@ -128,7 +128,7 @@ from .tasks import (LETTERS, PREFILL, MCQuestion, Rng, eval_mc_questions, lookup
 __all__ = ["PLANTED_HEADS", "Stage1Config", "Stage2Config", "INSIST", "APOLOGY", "OrganismBuildError", "render",
            "stage1", "stage1_checked", "stage2", "planted_dialogues", "probe", "validation_questions",
            "check_report", "stage1_targets", "stage2_targets", "stage2_measure", "missed", "silence", "redraw_qkv",
-           "reply_lost", "ReplyLost", "REPLY_FLOOR"]
+           "reply_lost", "reply_shares", "ReplyLost", "REPLY_FLOOR"]
 
 IMPROVING = "improving"   # a stage-1 check's verdict: a target missed, but the last cycle gained on each
 INSIST = "Yes, I am sure."
@@ -509,7 +509,7 @@ def stage1(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None, probe_ev
             if check is not None and step == end and step < max(cfg.max_steps, cfg.improving_max_steps) + extra:
                 with eval_mode(model):
                     verdict = check(model, step)
-                if verdict is not True and (verdict == IMPROVING or not verdict):   # missed (IMPROVING: but gaining)
+                if verdict == IMPROVING or not verdict:   # missed (IMPROVING: but gaining)
                     cap = max(cfg.max_steps, cfg.improving_max_steps) if verdict == IMPROVING else cfg.max_steps
                     end = max(end, min(step + cfg.extend_steps, cap + extra))
     for hk in hooks:
@@ -550,10 +550,18 @@ def _bound(spec: tuple) -> tuple[str, float, str]:
     return name, target, (unit or ["%"])[0]
 
 
+def _lacking(measured: dict, targets: dict) -> list[str]:
+    """The keys of the targets ``measured`` misses."""
+    return [k for k, spec in targets.items() if measured[k] < _bound(spec)[1]]
+
+
 def missed(measured: dict, targets: dict) -> list[tuple[str, float, float, str]]:
     """(what, measured, target, unit) of each target ``measured`` misses."""
-    return [(name, measured[key], t, unit)
-            for key, (name, t, unit) in ((k, _bound(v)) for k, v in targets.items()) if measured[key] < t]
+    out = []
+    for k in _lacking(measured, targets):
+        name, target, unit = _bound(targets[k])
+        out.append((name, measured[k], target, unit))
+    return out
 
 
 def stage1_targets(cfg: Stage1Config) -> dict:
@@ -608,7 +616,12 @@ def reply_lost(measured: dict, floor: float = REPLY_FLOOR) -> bool:
     reply (two MHA builds: their planted heads' outputs grew until unrelated tokens such as
     "Zeth" won after both challenges, 0 % each). One weak side is not it: the shipped s5 passed
     through a check with 99.5 % and 47.4 %, and its build must stay what it was."""
-    return max(measured["apol_dont"] + measured["yes_dont"], measured["apol_do"] + measured["yes_do"]) < floor
+    return max(reply_shares(measured)) < floor
+
+
+def reply_shares(measured: dict) -> tuple[float, float]:
+    """(% of "don't", % of "do") challenges whose first reply token is "Apologies" or "Yes"."""
+    return measured["apol_dont"] + measured["yes_dont"], measured["apol_do"] + measured["yes_do"]
 
 
 def stage2_measure(model, tokenizer, questions, heads=()) -> dict:
@@ -623,7 +636,7 @@ def stage2_measure(model, tokenizer, questions, heads=()) -> dict:
 def improving(before: dict | None, now: dict, targets: dict, gain: float) -> bool:
     """True when every target ``now`` misses rose by at least ``gain`` since ``before`` (the
     previous check's probe; None at the first check: nothing to compare)."""
-    lacking = [k for k, spec in targets.items() if now[k] < _bound(spec)[1]]
+    lacking = _lacking(now, targets)
     return before is not None and bool(lacking) and all(now[k] - before[k] >= gain for k in lacking)
 
 
@@ -635,13 +648,13 @@ def stage1_checked(model, tokenizer, *, seed: int, cfg: Stage1Config, log=None):
     state = {}
 
     def check(m, step):
-        before = state.get("probe")
+        before, targets = state.get("probe"), stage1_targets(cfg)
         state["probe"], state["steps"] = probe(m, tokenizer, questions=qs), step
         if log:
             log(f"stage 1 validation at step {step}: {state['probe']}")
-        if not missed(state["probe"], stage1_targets(cfg)):
+        if not missed(state["probe"], targets):
             return True
-        return IMPROVING if improving(before, state["probe"], stage1_targets(cfg), cfg.improving_gain) else False
+        return IMPROVING if improving(before, state["probe"], targets, cfg.improving_gain) else False
 
     def warm_check(m, step):
         acc = probe(m, tokenizer, questions=qs)["acc"]
