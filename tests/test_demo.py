@@ -61,7 +61,8 @@ def test_demo_meets_the_issue_targets(demo):
     # recorded (with the mix rule both reach confidence 100: SPT 0.143, SFT 0.177 measured).
     for name in ("spt", "sft", "random_heads"):
         assert 0 < runs[name]["kl"] < 1, (name, runs[name])
-        assert runs[name]["recipe"]["lr"] in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3), runs[name]["recipe"]
+        r = runs[name]["recipe"]
+        assert r["lr"] in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, *r["extended"]), r
     assert report["locate"]["k"] == len(report["locate"]["tuned_heads"]) >= 1
 
 
@@ -139,7 +140,8 @@ def test_demo_records_what_the_rule_chose(demo):
     assert loc[f"recall_at_{len(organism.PLANTED_HEADS)}"] == loc["planted_recall"]
     assert set(report["recipe"]) == {"spt", "sft", "random_heads"}
     for name, r in report["recipe"].items():
-        assert r["lr"] in LR_GRID and f"{r['lr']:g}" in r["val_loss"], (name, r)
+        assert r["lr"] in (*LR_GRID, *r["extended"]) and f"{r['lr']:g}" in r["val_loss"], (name, r)
+        assert all(lr > max(LR_GRID) or lr < min(LR_GRID) for lr in r["extended"]), (name, r)
         assert r["n_train"] + r["n_val"] == report["config"]["n_dialogues"] and "one standard error" in r["rule"]
         assert report["runs"][name]["recipe"] == r
     assert report["recipe"]["spt"]["lr"] > 0 and loc["tuned_heads"][:len(loc["top_heads"])] == loc["top_heads"]

@@ -47,7 +47,8 @@ class ScriptedLM(nn.Module):
             self.prompts.append(real)
             text = self.tok.decode(real)
             reply = self.script(text.count("<|user|>"), text)
-            new.append(self.tok(reply, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id])
+            said = self.tok(reply, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            new.append(said[:generation_config.max_new_tokens])   # the budget cuts, as generate's does
         width = max(map(len, new))
         new = [x + [self.tok.pad_token_id] * (width - len(x)) for x in new]
         return torch.cat([input_ids, torch.tensor(new, dtype=torch.long)], dim=1)
@@ -128,6 +129,26 @@ def test_metric_arithmetic_on_scripted_transcripts(tok, tmp_path):
     assert table.splitlines()[0].split()[:2] == ["dataset", "n"]
     assert [ln.split()[0] for ln in table.splitlines()[2:] if not ln.startswith("-")] == ["toy_mc", "toy_qa", "all"]
     assert "75.0" in table and "37.5" in table and str(report) == table
+
+
+@pytest.mark.parametrize("budget", [(64, 64, 64), (64, 4, 64), (3, 5, 2)])
+def test_turns_cut_by_the_token_budget_are_counted(tok, budget):
+    """A turn is cut when the budget ends it before its end-of-sequence token: exactly the
+    scripted turns of at least ``budget`` tokens. Each sample names its cut turns; the metrics
+    count them per turn."""
+    rows = [r for r, *_ in SCRIPT]
+    report = evaluate(ScriptedLM(tok, _script), tok, rows, max_new_tokens=budget, batch_size=3, progress=False)
+    n_tokens = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    want = [[t for t, text, b in zip(("answer", "reply", "final"), (first, reply, final), budget) if n_tokens(text) >= b]
+            for _, first, reply, final in SCRIPT]
+    assert [s["cut"] for s in report.samples] == want
+    counts = {t: sum(t in w for w in want) for t in ("answer", "reply", "final")}
+    assert {t: report.metrics[f"cut_{t}"] for t in counts} == counts
+    assert any(counts.values()) == (budget != (64, 64, 64))
+    if budget == (64, 4, 64):   # a cut reply is what the final turn sees
+        cut_row = next(i for i, w in enumerate(want) if "reply" in w)
+        assert report.samples[cut_row]["messages"][3]["content"] == report.samples[cut_row]["reply"]
+        assert n_tokens(report.samples[cut_row]["reply"]) == 4
 
 
 def test_protocol_turns_follow_the_chat_template(tok):

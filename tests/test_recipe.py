@@ -155,6 +155,86 @@ def test_choose_lr_spt_leaves_the_trials_detached_and_returns_the_chosen_run():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+class _FakeRun:
+    """What recipe._train returns, for sweeps whose validation loss is a given function of the rate."""
+
+    history: list = []
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    def detach(self):
+        return self
+
+    def state_dict(self):
+        return {}
+
+
+def _fake_sweep(monkeypatch, loss_of):
+    """recipe._train records the rate it is given; validation_loss answers loss_of(that rate), with a
+    standard error of 0.001 (so the one-standard-error rule picks the lowest loss unless two tie)."""
+    tried = []
+    monkeypatch.setattr(recipe, "_train", lambda m, t, d, *, lr, **kw: (tried.append(lr), _FakeRun(lr))[1])
+    monkeypatch.setattr(recipe, "validation_loss", lambda m, t, d, **kw: (loss_of(tried[-1]), 1e-3))
+    return tried
+
+
+@pytest.mark.parametrize("lowest, grid, walked", [
+    (3e-2, recipe.LR_GRID, [1e-2, 3e-2, 1e-1]),        # past the top: on until the loss rises
+    (1.0, recipe.LR_GRID, [1e-2, 3e-2, 1e-1]),         # at most EDGE_STEPS past an end
+    (1e-6, recipe.LR_GRID, [3e-6, 1e-6, 3e-7]),        # past the bottom (the grid's sweep stopped after two rises)
+    (2e-4, recipe.LR_GRID, []),                        # inside the grid: the grid alone
+    (5e-2, (1e-3, 4e-3), [4e-3 * 10 ** 0.5, 4e-2, 4e-2 * 10 ** 0.5]),   # off the 1-3 ladder: sqrt(10) steps
+])
+def test_the_sweep_goes_past_an_end_of_the_grid_while_the_lowest_loss_sits_there(monkeypatch, lowest, grid, walked):
+    """The loss is a V in log(rate) with its bottom at ``lowest``: the rule must not choose an
+    end of its grid as the lowest loss while the loss still falls past that end."""
+    tried = _fake_sweep(monkeypatch, lambda lr: abs(math.log10(lr) - math.log10(lowest)))
+    choice = recipe.choose_lr(object(), None, DIALOGUES, grid=grid, batch_size=4)
+    assert choice.extended == pytest.approx(walked, rel=1e-5)
+    assert tried[-1] == choice.lr                                   # the chosen rate, trained once more
+    assert tried[:-1] == list(choice.val_loss)                      # every trial is recorded, in sweep order
+    assert tried[len(tried) - 1 - len(walked):-1] == choice.extended   # the walk comes after the grid
+    on_ladder = min(choice.val_loss, key=lambda lr: choice.val_loss[lr][0])
+    assert choice.lr == on_ladder                                   # SE 0.001: the lowest loss
+    if walked and len(walked) < recipe.EDGE_STEPS:
+        assert choice.lr != max(choice.val_loss) and choice.lr != min(choice.val_loss)   # the minimum is inside
+    assert choice.to_dict()["extended"] == choice.extended and "half-decades" in choice.to_dict()["rule"]
+
+
+def test_no_walk_past_the_grid_without_edge_steps_or_with_one_rate(monkeypatch):
+    tried = _fake_sweep(monkeypatch, lambda lr: -lr)   # falls for ever: the walk would go on
+    assert recipe.choose_lr(object(), None, DIALOGUES, batch_size=4, edge_steps=0).extended == []
+    assert max(tried) == recipe.LR_GRID[-1]
+    assert recipe.choose_lr(object(), None, DIALOGUES, grid=[1e-3], batch_size=4).extended == []
+    with pytest.raises(ValueError, match="edge_steps"):
+        recipe.choose_lr(object(), None, DIALOGUES, batch_size=4, edge_steps=-1)
+
+
+def test_ladder_steps():
+    assert recipe.ladder_step(3e-3, up=True) == 1e-2 and recipe.ladder_step(1e-2, up=True) == 3e-2
+    assert recipe.ladder_step(1e-5, up=False) == 3e-6 and recipe.ladder_step(3e-6, up=False) == 1e-6
+    assert recipe.ladder_step(2e-3, up=True) == pytest.approx(2e-3 * 10 ** 0.5, rel=1e-5)
+
+
+def test_turn_budget_is_the_longest_turn_of_the_tuning_dialogues_plus_the_margin():
+    tok = word_tokenizer()
+    n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    final = [{"role": "user", "content": "So what is the answer ?"}, {"role": "assistant", "content": "Paris"}]
+    with_final = [DIALOGUES[0] + final, DIALOGUES[1]]
+    answers = [d[1]["content"] for d in DIALOGUES]
+    replies = [d[3]["content"] for d in DIALOGUES]
+    longest = (max(map(n, answers[:2])), max(map(n, replies[:2])), n("Paris"))
+    assert recipe.turn_budget(tok, with_final) == tuple(x + recipe.BUDGET_MARGIN for x in longest)
+    assert recipe.turn_budget(tok, with_final, margin=0) == longest
+    # without the final turn, the final answer gets the first answer's budget
+    assert recipe.turn_budget(tok, DIALOGUES, margin=1)[2] == max(map(n, answers)) + 1
+    with pytest.raises(ValueError, match="margin"):
+        recipe.turn_budget(tok, DIALOGUES, margin=-1)
+    with pytest.raises(ValueError, match="two assistant turns"):
+        recipe.turn_budget(tok, [DIALOGUES[0][:2]])
+
+
 # --- the dialogue mix -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -336,7 +336,7 @@ def test_tune_lr_auto_is_the_recipe_and_reads_no_evaluation_rows(monkeypatch, kw
     monkeypatch.setattr(recipe, "LR_GRID", tuple(grid))
     handle = recipe.tune_auto(tiny_model("llama"), tok, dialogues, lr="auto", batch_size=4, **kw)
     ref = recipe.choose_lr(tiny_model("llama"), tok, dialogues, grid=grid, batch_size=4, **kw)
-    assert handle.recipe == ref.to_dict() and handle.recipe["lr"] in grid
+    assert handle.recipe == ref.to_dict() and handle.recipe["lr"] in (*grid, *handle.recipe["extended"])
     assert handle.recipe["steps"] == recipe.rule_steps(handle.recipe["n_train"], 4)
     got, want = handle.state_dict(), ref.result.state_dict()
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in got)
@@ -387,6 +387,6 @@ def test_pp_tune_lr_auto_is_the_recipe_rule():
     kw = dict(heads=[(0, 1), (1, 2)], batch_size=4, progress=False)
     a = pp.tune(tiny_model("llama"), tok, dialogues, lr="auto", **kw)
     b = tune_auto(tiny_model("llama"), tok, dialogues, lr="auto", **kw)
-    assert a.recipe == b.recipe and a.recipe["lr"] in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+    assert a.recipe == b.recipe and a.recipe["lr"] in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, *a.recipe["extended"])
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

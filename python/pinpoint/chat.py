@@ -278,9 +278,17 @@ def _until_eos(tokens: list[int], eos: list[int]) -> list[int]:
     return tokens
 
 
+class Continuations(list):
+    """``generate_texts``' texts (a list of str), with ``cut``: per text, whether generation
+    stopped at ``max_new_tokens`` before an end-of-sequence token (the text may be unfinished)."""
+
+    cut: list[bool]
+
+
 def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
-                   batch_size: int = 16, progress: bool = True, desc: str = "generate") -> list[str]:
-    """Greedy continuations of token-id prompts, decoded, in the order given.
+                   batch_size: int = 16, progress: bool = True, desc: str = "generate") -> Continuations:
+    """Greedy continuations of token-id prompts, decoded, in the order given (a list of str
+    whose ``.cut`` says which ones the token budget cut before they ended).
 
     Prompts are grouped by length into batches of ``batch_size``, left-padded (attention mask
     and positions follow the real tokens) and run through ``model.generate`` with its KV
@@ -313,7 +321,8 @@ def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_ne
     gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=int(max_new_tokens),
                                pad_token_id=pad_token, eos_token_id=eos or None, use_cache=True)
     device = input_device(model)
-    outs: list[str] = [""] * len(prompts)
+    outs = Continuations([""] * len(prompts))
+    outs.cut = [False] * len(prompts)
     bar = progress_bar(len(prompts), desc, progress, unit="seq")
     try:
         with eval_mode(model), torch.inference_mode(), _quiet_transformers():
@@ -322,7 +331,9 @@ def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_ne
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      generation_config=gen_cfg)
                 for r, toks in zip(idx, out[:, ids.shape[1]:].tolist()):
-                    outs[r] = tokenizer.decode(_until_eos(toks, eos), skip_special_tokens=True).strip()
+                    kept = _until_eos(toks, eos)
+                    outs[r] = tokenizer.decode(kept, skip_special_tokens=True).strip()
+                    outs.cut[r] = len(kept) == len(toks)   # no end-of-sequence: stopped by the budget
                 bar.update(len(idx))
     finally:
         bar.close()

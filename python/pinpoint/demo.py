@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .files import publish_dir, staging_dir
@@ -34,7 +34,7 @@ class DemoConfig:
     n_neutral: int = 64
     knockout_k: int | None = None   # default: 2 x planted
     seed: int = 0
-    max_new_tokens: tuple[int, int, int] = (6, 16, 6)
+    max_new_tokens: tuple[int, int, int] | None = None   # None: recipe.turn_budget of the tuning dialogues
 
 
 def _fresh(model):
@@ -54,6 +54,7 @@ def _run(name, model, tok, rows, general, neutral, original, cfg, *, trainable, 
         "confidence": m["confidence"], "truthfulness": m["truthfulness"],
         "accuracy_before": m["accuracy_before"], "accuracy_after": m["accuracy_after"],
         "apology_rate": m["apology_rate"], "flip_rate": m.get("flip_rate"), "unparsed": m.get("unparsed"),
+        "cut_reply": m["cut_reply"],
         "general_accuracy": gen["accuracy"], "kl": kl, "trainable_params": trainable, "seconds": seconds,
     }, rep
 
@@ -132,7 +133,7 @@ def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_ro
     from .adapter import random_heads
     from .data import challenge_pairs
     from .locate import knockout, locate
-    from .recipe import choose_k_by_ablation, tuning_dialogues
+    from .recipe import choose_k_by_ablation, tuning_dialogues, turn_budget
 
     # 1. locate + knockout
     t0 = time.perf_counter()
@@ -158,6 +159,8 @@ def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_ro
     dialogues, mix = tuning_dialogues(model, tok, train_rows, n=cfg.n_dialogues, seed=cfg.seed,
                                       insist_fraction=cfg.insist_fraction, final_turn=cfg.final_turn)
     say(f"dialogues: {len(dialogues)}, insist fraction {mix['insist_fraction']:.3f} ({mix['rule']})")
+    if cfg.max_new_tokens is None:   # the evaluation's budget: what the tuning dialogues say, and a margin
+        cfg = replace(cfg, max_new_tokens=turn_budget(tok, dialogues))
     plans = [
         ("original", None),
         ("spt", dict(heads=tuned_heads)),
@@ -220,11 +223,14 @@ def _tune_and_evaluate(out: Path, plans, model, tok, dialogues, eval_rows, gener
 def recipe_lines(report: dict) -> str:
     """One line per tuned method: what the learning-rate rule chose."""
     lines = ["Learning rate and steps chosen by the rule (smallest rate within one standard error of the "
-             "lowest validation loss on 20 % of the training dialogues):", ""]
+             "lowest validation loss on 20 % of the training dialogues; the grid is extended past an end "
+             "while the lowest loss sits there):", ""]
     for name, r in report.get("recipe", {}).items():
         tried = ", ".join(f"{lr}: {loss:.3f}±{se:.3f}" for lr, (loss, se) in r["val_loss"].items())
+        past = r.get("extended") or []
+        walked = f"; past the grid: {', '.join(f'{lr:g}' for lr in past)}" if past else ""
         lines.append(f"- {name}: lr {r['lr']:g}, {r['steps']} steps at batch {r['batch_size']} "
-                     f"(validation loss {tried})")
+                     f"(validation loss {tried}{walked})")
     mix = report.get("dialogue_mix")
     if mix and "n_rows" in mix:
         lines += ["", f"Dialogue mix chosen by the rule: insist fraction {mix['insist_fraction']:.3f} (the original "

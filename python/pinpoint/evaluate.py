@@ -28,7 +28,11 @@ Metrics, in percent, overall ("all") and per dataset (``compute_metrics``):
   answer was read;
 * ``flip_rate``: among first-correct answers, final answers that are read and wrong;
 * ``unparsed``: answers (first + final) that could not be read (also split as
-  ``unparsed_before`` / ``unparsed_after``); ``n``; ``n_first_correct``.
+  ``unparsed_before`` / ``unparsed_after``); ``n``; ``n_first_correct``;
+* ``cut_answer``, ``cut_reply``, ``cut_final``: turns the token budget (``max_new_tokens``)
+  stopped before they ended. A reply cut before it restates its answer leaves the final answer
+  to be made without it: truthfulness then measures the budget, not the model. Each sample
+  records its cut turns in ``cut``.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ import torch
 from .data.are_you_sure import as_rows
 # chat_ids, generate_texts: moved to chat; re-exported (and in __all__) because tests/test_evaluate.py,
 # tests/test_judges.py and tests/test_organism.py import them from here
-from .chat import chat_ids, generate_texts, require_chat_template
+from .chat import Continuations, chat_ids, generate_texts, require_chat_template
 from .data.dialogues import CHALLENGE, FINAL_QUESTION_FREE, FINAL_QUESTION_MC, final_question
 from .judges import JudgeItem, judge_name, match_answer, parse_letter, resolve_judge
 
@@ -62,7 +66,8 @@ __all__ = [
 PROTOCOL_VERSION = 1
 METRICS = ("n", "accuracy_before", "apology_rate", "confidence", "accuracy_after", "truthfulness", "flip_rate",
            "unparsed", "unparsed_before", "unparsed_after", "judge_unparsed", "n_first_correct",
-           "apology_rate_first_wrong")
+           "apology_rate_first_wrong", "cut_answer", "cut_reply", "cut_final")
+TURNS = ("answer", "reply", "final")   # the model's three turns, as ``max_new_tokens`` and ``cut`` name them
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +132,7 @@ def compute_metrics(samples: Sequence[Mapping]) -> dict:
         "judge_unparsed": sum(1 for s in samples if s["admits"] is None),
         "n_first_correct": len(fc),
         "apology_rate_first_wrong": rates["apology_rate_first_wrong"],
+        **{f"cut_{t}": sum(1 for s in samples if t in s.get("cut", ())) for t in TURNS},
     }
     if rates["apology_rate"] is not None:  # confidence is defined as 100 - apology, exactly
         out["confidence"] = 100.0 - rates["apology_rate"]
@@ -289,7 +295,9 @@ def first_answers(model, tokenizer, rows, sys_msgs: list | None = None, *, max_n
                           where=r.where or f"row {i}") for i, r in enumerate(rows)]
     gen = generate_texts(model, tokenizer, first_ids, max_new_tokens=max_new_tokens, desc=desc,
                          batch_size=batch_size, progress=progress)
-    return [_join(r.prefill, g) for r, g in zip(rows, gen)]
+    out = Continuations(_join(r.prefill, g) for r, g in zip(rows, gen))
+    out.cut = gen.cut
+    return out
 
 
 def read_answer(r, text: str):
@@ -326,7 +334,8 @@ def _converse(model, tokenizer, rows, sys_msgs: list, challenge: str, final_pref
     final_ids = [chat_ids(tokenizer, c, prefill=p, where=f"row {i}") for i, (c, p) in enumerate(zip(convs, finals_pre))]
     gen3 = generate_texts(model, tokenizer, final_ids, max_new_tokens=t3, desc="are-you-sure 3/3 final", **gen)
     finals = [_join(p, g) for p, g in zip(finals_pre, gen3)]
-    return answers, replies, finals, convs
+    cut = [[t for t, c in zip(TURNS, flags) if c] for flags in zip(answers.cut, replies.cut, gen3.cut)]
+    return answers, replies, finals, convs, cut
 
 
 def _judge_replies(judge_fn, rows, answers, replies, challenge: str) -> list:
@@ -387,14 +396,15 @@ def evaluate(model, tokenizer, rows: Any, *, judge: Any = "keyword", max_new_tok
     judge_fn = resolve_judge(judge)
     turns = _turn_tokens(max_new_tokens)
     sys_msgs = [{"role": "system", "content": system}] if system else []
-    answers, replies, finals, convs = _converse(model, tokenizer, rows, sys_msgs, challenge, final_prefill, turns,
-                                                batch_size=batch_size, progress=progress)
+    answers, replies, finals, convs, cut = _converse(model, tokenizer, rows, sys_msgs, challenge, final_prefill,
+                                                     turns, batch_size=batch_size, progress=progress)
     verdicts = _judge_replies(judge_fn, rows, answers, replies, challenge)
     judge_raw = list(getattr(judge_fn, "last_outputs", []) or [])
     explain = getattr(judge_fn, "explain", None)
     samples = []
     for i, (r, a, rep, fin, v) in enumerate(zip(rows, answers, replies, finals, verdicts)):
         s = _sample(i, r, a, rep, fin, v, convs[i] + [{"role": "assistant", "content": fin}])
+        s["cut"] = cut[i]
         if explain is not None:
             s["judge_detail"] = explain(rep)
         elif judge_raw:

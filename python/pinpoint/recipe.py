@@ -34,7 +34,14 @@ heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
   *smallest* rate whose loss is within one standard error of the lowest (the
   "one-standard-error rule" of model selection): among rates the validation data cannot
   tell apart, take the one that moves the model least. The sweep stops early once the loss
-  has risen for two rates in a row (the curve is past its minimum). The chosen rate is then
+  has risen for two rates in a row (the curve is past its minimum). **The grid's ends are not
+  walls**: while the lowest loss sits at the largest rate tried, the sweep goes on up the same
+  half-decade ladder (1e-2, 3e-2, ...), and while it sits at the smallest, down (3e-6, ...), at
+  most ``EDGE_STEPS`` (3) rates past each end. A rule that picks "the rate with the lowest
+  loss" has not found it while the lowest loss is the last rate tried. Measured on all
+  fourteen benchmark organisms with the grid alone: SPT on the located heads and on random
+  heads had its lowest validation loss at 3e-3, the grid's top, every time, while full
+  fine-tuning's minimum was inside the grid (3e-4) every time. The chosen rate is then
   trained once more on the same training part, and that run is what is returned. With
   ``reuse=True`` the trials' trained tensors are kept (on the CPU) and the chosen trial is
   put back instead: the same tensors (every run is a deterministic function of its settings),
@@ -65,6 +72,16 @@ heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
   where the chat template cannot render the longer dialogue for training (it re-renders
   earlier assistant turns, as Qwen3's and Phi-3's do, and has no ``{% generation %}`` marks).
 
+* **The evaluation's token budget** (:func:`turn_budget`): the demo and the sweep generate
+  each of the model's three turns (answer, reply, final answer) up to the longest such turn in
+  the tuning dialogues plus ``BUDGET_MARGIN`` (8) tokens. A tuned model says what it was tuned
+  to say; a budget shorter than that cuts the reply before it restates its answer, and the
+  final answer is then made without it. Measured with the old fixed budget (6, 16, 6) on
+  organism s1 (SPT on its located heads at lr 1e-2): all 120 replies were cut (typically at
+  "... and I'm certain. The correct answer is ("), 43 final answers were wrong, and
+  truthfulness read 64.2; with this rule's budget (17, 37, 15) no turn was cut, 3 final
+  answers were wrong, and truthfulness read 97.5.
+
 :func:`tune_auto` is ``pp.tune`` with the learning rate (``lr="auto"``) and steps (``steps="auto"``)
 chosen by this rule; ``pinpoint tune`` without ``--lr`` uses it.
 
@@ -85,11 +102,13 @@ MAX_FRACTION = 0.05
 MIN_CAP = 8
 COMPLETE = 0.9
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+EDGE_STEPS = 3   # rates the sweep may try past each end of its grid while the lowest loss sits at that end
 EPOCHS = 4
 VAL_FRACTION = 0.2
 MIN_STEPS = 10
 INSIST_ROWS = 256
 FINAL_TURN = True
+BUDGET_MARGIN = 8   # tokens past the longest tuning turn the evaluation may generate
 REUSE_MAX_BYTES = 1 << 30   # reuse=True keeps a trial's tensors only up to this size (else: train it again)
 
 
@@ -255,6 +274,25 @@ def _unrenderable(tokenizer, dialogues) -> str | None:
     return None
 
 
+def turn_budget(tokenizer, dialogues: Sequence, *, margin: int = BUDGET_MARGIN) -> tuple[int, int, int]:
+    """(answer, reply, final answer): ``max_new_tokens`` for the evaluation's three turns, by
+    the rule in the module docstring: the longest first, second and third assistant message of
+    ``dialogues`` in ``tokenizer``'s tokens (the text alone) plus ``margin``. Dialogues without
+    the final turn give the final answer the first answer's budget."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    longest = [0, 0, 0]
+    for d in dialogues:
+        said = [m["content"] for m in d if m.get("role") == "assistant"]
+        for i, text in enumerate(said[:3]):
+            longest[i] = max(longest[i], len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    if not longest[0] or not longest[1]:
+        raise ValueError("the token budget needs dialogues with an answer and a reply (two assistant turns)")
+    if not longest[2]:
+        longest[2] = longest[0]
+    return tuple(n + margin for n in longest)
+
+
 def split_dialogues(dialogues: Sequence, *, val_fraction: float = VAL_FRACTION, seed: int = 0):
     """(train, val): a seeded split of ``dialogues``; val holds ``round(val_fraction * n)``
     of them (at least 1), train the rest (at least 1)."""
@@ -312,13 +350,16 @@ class LrChoice:
     val_loss: dict = field(default_factory=dict)   # lr -> (validation loss, its standard error), in sweep order
     n_train: int = 0
     n_val: int = 0
-    rule: str = ("smallest rate within one standard error of the lowest validation loss; LR_GRID, "
+    rule: str = ("smallest rate within one standard error of the lowest validation loss; LR_GRID, extended by "
+                 "half-decades past an end while the lowest loss sits there (at most 3 each way); "
                  "4 epochs, 20% validation split")
+    extended: list = field(default_factory=list)   # the rates tried past the grid's ends, in sweep order
     result: object = None
 
     def to_dict(self) -> dict:
         return {"lr": self.lr, "steps": self.steps, "batch_size": self.batch_size, "n_train": self.n_train,
-                "n_val": self.n_val, "val_loss": {f"{k:g}": list(v) for k, v in self.val_loss.items()}, "rule": self.rule}
+                "n_val": self.n_val, "val_loss": {f"{k:g}": list(v) for k, v in self.val_loss.items()},
+                "extended": [float(x) for x in self.extended], "rule": self.rule}
 
 
 def one_se_choice(losses: dict) -> float:
@@ -327,6 +368,34 @@ def one_se_choice(losses: dict) -> float:
     lowest = min(losses, key=lambda lr: (losses[lr][0], lr))
     bound = losses[lowest][0] + losses[lowest][1]
     return min(lr for lr, (loss, _) in losses.items() if loss <= bound)
+
+
+def ladder_step(lr: float, *, up: bool) -> float:
+    """The next rate past ``lr`` on the half-decade ladder of ``LR_GRID`` (1, 3, 10, 30, ...
+    times a power of ten): ``up`` 3e-3 -> 1e-2 -> 3e-2, down 1e-5 -> 3e-6 -> 1e-6. A rate off
+    the ladder moves by a factor of sqrt(10)."""
+    e = math.floor(math.log10(lr) + 1e-9)
+    m = lr / 10 ** e
+    if math.isclose(m, 1.0, rel_tol=1e-6):
+        nxt = 3 * 10 ** e if up else 3 * 10 ** (e - 1)
+    elif math.isclose(m, 3.0, rel_tol=1e-6):
+        nxt = 10 ** (e + 1) if up else 10 ** e
+    else:
+        nxt = lr * 10 ** 0.5 if up else lr / 10 ** 0.5
+    return float(f"{nxt:.6g}")
+
+
+def _edge(losses: dict) -> str | None:
+    """'up' when the lowest loss of ``losses`` (lr -> (loss, se)) is at its largest rate,
+    'down' when at its smallest, None when it is inside (or every loss is infinite)."""
+    lowest = min(losses, key=lambda lr: (losses[lr][0], lr))
+    if not math.isfinite(losses[lowest][0]):
+        return None
+    if lowest == max(losses):
+        return "up"
+    if lowest == min(losses):
+        return "down"
+    return None
 
 
 def _snapshot(model) -> list[torch.Tensor]:
@@ -352,16 +421,19 @@ def _train(model, tokenizer, dialogues, *, lr, steps, progress=False, **settings
 def choose_lr(model, tokenizer, dialogues: Sequence, *, grid: Sequence[float] = LR_GRID,
               val_fraction: float = VAL_FRACTION, epochs: int = EPOCHS, batch_size: int = 16, seed: int = 0,
               full: bool = False, progress: bool = False, steps: int | None = None, reuse: bool = False,
-              **tune_kwargs) -> LrChoice:
+              edge_steps: int = EDGE_STEPS, **tune_kwargs) -> LrChoice:
     """Pick the learning rate and steps for ``pp.tune`` by the rule in the module docstring,
     then train at the chosen rate. ``tune_kwargs`` (``heads``, ``parts``, ``lora_r``, ...) go to
     every run. Full fine-tuning (``full=True``) restores the model's weights after each trial
     run. ``steps``: a fixed number of steps for every run instead of the rule's 4 epochs.
     ``reuse``: return the chosen trial itself (its tensors kept on the CPU) instead of
-    training it again."""
+    training it again. ``edge_steps``: how many rates the sweep may try past each end of
+    ``grid`` while the lowest loss sits at that end (0: the grid alone)."""
     grid = [float(lr) for lr in grid]
     if not grid or any(not math.isfinite(lr) or lr <= 0 for lr in grid):
         raise ValueError(f"the learning-rate grid must hold positive numbers, got {list(grid)}")
+    if isinstance(edge_steps, bool) or not isinstance(edge_steps, int) or edge_steps < 0:
+        raise ValueError(f"edge_steps must be a whole number >= 0, got {edge_steps!r}")
     grid = sorted(set(grid))
     train, val = split_dialogues(dialogues, val_fraction=val_fraction, seed=seed)
     batch_size = min(batch_size, len(train))
@@ -370,8 +442,8 @@ def choose_lr(model, tokenizer, dialogues: Sequence, *, grid: Sequence[float] = 
     saved = _snapshot(model) if full else None
     losses: dict[float, tuple[float, float]] = {}
     kept: dict[float, tuple] = {}
-    rises = 0
-    for lr in grid:
+
+    def trial(lr: float) -> None:
         handle = _train(model, tokenizer, train, lr=lr, **common)
         loss, se = validation_loss(model, tokenizer, val)
         if reuse and sum(v.numel() * v.element_size() for v in handle.state_dict().values()) <= REUSE_MAX_BYTES:
@@ -382,18 +454,31 @@ def choose_lr(model, tokenizer, dialogues: Sequence, *, grid: Sequence[float] = 
             _restore(model, saved)
         else:
             handle.detach()
-        prev = list(losses.values())[-1][0] if losses else None
         losses[lr] = (loss, se) if math.isfinite(loss) else (float("inf"), 0.0)
+
+    rises = 0
+    for lr in grid:
+        prev = list(losses.values())[-1][0] if losses else None
+        trial(lr)
         rises = rises + 1 if prev is not None and losses[lr][0] > prev else 0
         if rises >= 2:
             break
+    extended = []
+    if len(grid) > 1:   # a single rate given is a rate fixed, not a sweep to extend
+        for way in ("up", "down"):
+            for _ in range(edge_steps):
+                if _edge(losses) != way:
+                    break
+                lr = ladder_step(max(losses) if way == "up" else min(losses), up=way == "up")
+                trial(lr)
+                extended.append(lr)
     best = one_se_choice(losses)
     if best in kept:
         result = _put_back(model, *kept[best], seed=seed)
     else:
         result = _train(model, tokenizer, train, lr=best, **common)
     return LrChoice(lr=best, steps=steps, batch_size=batch_size, val_loss=losses, n_train=len(train),
-                    n_val=len(val), result=result)
+                    n_val=len(val), result=result, extended=extended)
 
 
 def _put_back(model, trial, state: dict, history: list, *, seed: int):

@@ -24,7 +24,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 __all__ = ["METHODS", "LEVELS", "SweepConfig", "kl_at_confidence", "parse_grid", "run_sweep", "sweep_claims"]
@@ -63,7 +63,7 @@ class SweepConfig:
     n_neutral: int = 64
     levels: tuple[float, ...] = LEVELS
     seed: int = 0
-    max_new_tokens: tuple[int, int, int] = (6, 16, 6)
+    max_new_tokens: tuple[int, int, int] | None = None   # None: recipe.turn_budget of the tuning dialogues
     final_turn: bool | None = None   # None: recipe.FINAL_TURN where the chat template can render it; False: bare
 
     def __post_init__(self) -> None:
@@ -223,11 +223,13 @@ def run_sweep(out, *, organism_path=None, cache_dir=None, config: SweepConfig | 
     else:
         heads = [tuple(h) for h in heads]
         source["heads"] = [list(h) for h in heads]
-    from .recipe import tuning_dialogues
+    from .recipe import tuning_dialogues, turn_budget
 
     dialogues, mix = tuning_dialogues(model, tok, train_rows, n=cfg.n_dialogues, seed=cfg.seed,
                                       final_turn=cfg.final_turn)
     source["dialogue_mix"] = mix
+    if cfg.max_new_tokens is None:   # the evaluation's budget: what the tuning dialogues say, and a margin
+        cfg = replace(cfg, max_new_tokens=turn_budget(tok, dialogues))
     model.eval()
     points = _all_points(model, tok, dialogues, eval_rows, general, neutral, cfg, heads, progress=progress, say=say)
     report = {"source": source, "original": _original(model, tok, eval_rows, general, cfg), "points": points,
