@@ -66,9 +66,10 @@ heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
   the challenge. Without it no training dialogue shows the turn the truthfulness metric reads,
   and the final answer is left to whatever the tuned heads happen to do there. Measured with
   SPT on the located heads at the rule's rate (the demo's settings): on a sibling organism
-  with a planted head in layer 0 (s5) truthfulness went 19.2 → 91.7 with the final turn while
-  confidence stayed 100; on six other organisms it stayed within the noise of the 120
-  evaluation rows. ``final_turn=False`` gives the bare dialogues, and so does the default
+  with a planted head in layer 0 (s5) truthfulness went 29.2 → 99.2 with the final turn while
+  confidence stayed 100 (evaluated with :func:`turn_budget`; 19.2 → 91.7 with the old fixed
+  16-token reply budget); on six other organisms (old budget) it stayed within the noise of
+  the 120 evaluation rows. ``final_turn=False`` gives the bare dialogues, and so does the default
   where the chat template cannot render the longer dialogue for training (it re-renders
   earlier assistant turns, as Qwen3's and Phi-3's do, and has no ``{% generation %}`` marks).
 

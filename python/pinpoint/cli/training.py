@@ -120,8 +120,10 @@ def _run_tune(args) -> int:
         seconds = time.perf_counter() - t0
         if auto:
             r = result.recipe
+            past = r.get("extended") or []
+            walked = f"; the grid walked on to {', '.join(f'{lr:g}' for lr in past)}" if past else ""
             print(f"the recipe rule chose lr {r['lr']:g}, {r['steps']} steps (validation loss on {r['n_val']} "
-                  f"held-out dialogues, trained on {r['n_train']})")
+                  f"held-out dialogues, trained on {r['n_train']}{walked})")
         wrote = _save_tuned(args, result, tok, stage, out.path)
         atomic_write_json(stage / "tune.json", {**_summary(args, heads, result, len(dialogues), seconds),
                                                 "dialogue_mix": insist})
