@@ -41,6 +41,20 @@ def test_kl_at_confidence_interpolates_in_log_kl_between_neighbours():
     assert sweep.kl_at_confidence([_pt("spt", 1e-4, None, 0.1), _pt("spt", 1e-3, 90.0, 0.2)], 80.0)["kl"] == 0.2
 
 
+def test_a_rule_pick_at_the_grids_edge_is_flagged():
+    """The recipe walks past a grid end while the lowest validation loss sits there; the sweep
+    cannot, so it says which methods' lowest loss sits at an end of their grid."""
+    def pt(method, lr, loss):
+        return {"method": method, "lr": lr, "val_loss": loss, "val_loss_se": 0.001}
+
+    points = [pt("spt", 1e-3, 0.3), pt("spt", 3e-3, 0.2),                       # still falling at the top
+              pt("sft", 1e-4, 0.3), pt("sft", 3e-4, 0.1), pt("sft", 1e-3, 0.2),  # a minimum inside
+              pt("lora8", 1e-4, 0.1), pt("lora8", 1e-3, 0.3),                    # lowest at the bottom
+              pt("random_heads", 1e-3, 0.2)]                                     # one rate: no edge to speak of
+    assert sweep._rule_edges(points) == {"spt": "up", "sft": None, "lora8": "down", "random_heads": None}
+    assert sweep._rule_picks(points) == {"spt": 3e-3, "sft": 3e-4, "lora8": 1e-4, "random_heads": 1e-3}
+
+
 def test_claims_per_level_hold_fail_or_stay_undecided():
     pts = [_pt("spt", 1e-4, 10.0, 0.001), _pt("spt", 1e-3, 90.0, 0.01),
            _pt("sft", 1e-5, 5.0, 0.01), _pt("sft", 1e-4, 85.0, 0.2)]
@@ -82,6 +96,8 @@ def test_sweep_on_a_tiny_model_writes_every_point(tmp_path):
     assert saved["points"] == json.loads(json.dumps(report["points"]))
     md = (out / "report.md").read_text()
     assert "SPT (located heads)" in md and "confidence ≥ 80" in md and "frontier.png" in md
+    assert set(saved["rule_edges"]) == {"spt", "sft"}
+    assert md.count("so the recipe (recipe.choose_lr) would walk on") == sum(map(bool, saved["rule_edges"].values()))
     width, height = Image.open(out / "frontier.png").size
     assert width >= 1200 and height >= 500
 

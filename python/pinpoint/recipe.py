@@ -386,7 +386,7 @@ def ladder_step(lr: float, *, up: bool) -> float:
     return float(f"{nxt:.6g}")
 
 
-def _edge(losses: dict) -> str | None:
+def grid_edge(losses: dict) -> str | None:
     """'up' when the lowest loss of ``losses`` (lr -> (loss, se)) is at its largest rate,
     'down' when at its smallest, None when it is inside (or every loss is infinite)."""
     lowest = min(losses, key=lambda lr: (losses[lr][0], lr))
@@ -468,7 +468,7 @@ def choose_lr(model, tokenizer, dialogues: Sequence, *, grid: Sequence[float] = 
     if len(grid) > 1:   # a single rate given is a rate fixed, not a sweep to extend
         for way in ("up", "down"):
             for _ in range(edge_steps):
-                if _edge(losses) != way:
+                if grid_edge(losses) != way:
                     break
                 lr = ladder_step(max(losses) if way == "up" else min(losses), up=way == "up")
                 trial(lr)

@@ -184,16 +184,28 @@ def _num(v) -> str:
     return "  -  " if v is None else f"{v:5.1f}"
 
 
+def _losses(points: list[dict]) -> dict:
+    """Per method: lr -> (validation loss, its standard error) of the points with a finite loss."""
+    out = {}
+    for m in dict.fromkeys(p["method"] for p in points):
+        out[m] = {p["lr"]: (p["val_loss"], p["val_loss_se"]) for p in points if p["method"] == m
+                  and math.isfinite(p["val_loss"])}
+    return out
+
+
 def _rule_picks(points: list[dict]) -> dict:
     """Per method: the grid rate the recipe's one-standard-error rule picks from the points' validation losses."""
     from .recipe import one_se_choice
 
-    picks = {}
-    for m in dict.fromkeys(p["method"] for p in points):
-        losses = {p["lr"]: (p["val_loss"], p["val_loss_se"]) for p in points if p["method"] == m
-                  and math.isfinite(p["val_loss"])}
-        picks[m] = one_se_choice(losses) if losses else None
-    return picks
+    return {m: one_se_choice(losses) if losses else None for m, losses in _losses(points).items()}
+
+
+def _rule_edges(points: list[dict]) -> dict:
+    """Per method: "up" / "down" when its lowest validation loss sits at the top / bottom of its
+    grid (the recipe would walk on past that end), else None."""
+    from .recipe import grid_edge
+
+    return {m: grid_edge(losses) if len(losses) > 1 else None for m, losses in _losses(points).items()}
 
 
 def run_sweep(out, *, organism_path=None, cache_dir=None, config: SweepConfig | None = None,
@@ -233,7 +245,8 @@ def run_sweep(out, *, organism_path=None, cache_dir=None, config: SweepConfig | 
     model.eval()
     points = _all_points(model, tok, dialogues, eval_rows, general, neutral, cfg, heads, progress=progress, say=say)
     report = {"source": source, "original": _original(model, tok, eval_rows, general, cfg), "points": points,
-              "rule_picks": _rule_picks(points), "claims": sweep_claims(points, cfg.levels),
+              "rule_picks": _rule_picks(points), "rule_edges": _rule_edges(points),
+              "claims": sweep_claims(points, cfg.levels),
               "config": {**asdict(cfg), "grids": {m: list(cfg.grid_for(m)) for m in cfg.methods}}}
     with staging_dir(out) as work:
         plot_frontier(report, work / "frontier.png")
@@ -341,9 +354,13 @@ def report_markdown(report: dict) -> str:
         rows.append(f"| {LABELS[p['method']]} | {p['lr']:g}{pick} | {_rates(p)} | {p['kl']:.4f} | "
                     f"{p['val_loss']:.3f}±{p['val_loss_se']:.3f} | {p['trainable_params']:,} |")
     claims = "\n".join(f"- confidence ≥ {c['confidence']:g}: {c['statement']}" for c in report["claims"])
+    edges = "".join(f"\n\n{LABELS[m]}: its lowest validation loss is at the {'top' if way == 'up' else 'bottom'} "
+                    f"of its grid, so the recipe (recipe.choose_lr) would walk on past it; extend its grid "
+                    f"(--grid-for {m}=...) to see the rate the recipe picks."
+                    for m, way in report.get("rule_edges", {}).items() if way)
     return (f"# pinpoint sweep\n\nSource: {report['source']}\n\n## Every point\n\n" + "\n".join(rows)
             + "\n\n\"(rule)\" marks the rate the recipe's one-standard-error rule picks from these points' "
-            "validation losses.\n\n## The claim, per confidence level\n\n\"SPT moves the model less than SFT for "
+            "validation losses." + edges + "\n\n## The claim, per confidence level\n\n\"SPT moves the model less than SFT for "
             "the same fix\": the KL at which each method first reaches the confidence (interpolated in log KL "
             "between neighbouring learning rates).\n\n" + claims_table(report) + "\n\n" + claims
             + "\n\n![frontier](frontier.png)\n")
