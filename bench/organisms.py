@@ -128,14 +128,21 @@ def _read(path: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _locked_table(path: Path, indent: int):
-    """The JSON table at ``path`` under the benchmark's lock (two builders may finish at once),
-    written back on leaving if it changed."""
+def _bench_lock():
+    """The benchmark's lock, held while a JSON table is read, updated and written back."""
     import fcntl
 
     ROOT.mkdir(parents=True, exist_ok=True)
     with open(ROOT / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
+def _locked_table(path: Path, indent: int):
+    """The JSON table at ``path`` under the benchmark's lock (two builders may finish at once),
+    written back on leaving if it changed."""
+    with _bench_lock():
         table = _read(path)
         before = json.dumps(table, sort_keys=True)
         yield table
@@ -316,8 +323,9 @@ def tables(results: dict) -> tuple[list[dict], list[str], str]:
              "call (one torch thread), on the organism's 48 locate pairs. verify: the top 2k attribution "
              "heads re-scored by activation patching.", "",
              "The whole recipe on each organism (the demo: k by recipe.choose_k, learning rate by "
-             "recipe.choose_lr for every method): confidence / truthfulness / general accuracy / KL against "
-             "the original, and the rule's learning rate.", "",
+             "recipe.choose_lr for every method, its grid walked past an end while the lowest validation loss "
+             "sits there; each turn generated up to recipe.turn_budget of the tuning dialogues): confidence / "
+             "truthfulness / general accuracy / KL against the original, and the rule's learning rate.", "",
              "| organism | k, tuned heads | original | SPT | SFT | random heads | targets missed |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -359,14 +367,15 @@ def cmd_run(args) -> int:
         r["measured"] = run_meta()
         results[name] = r
         print(json.dumps({k: v for k, v in r.items() if k != "demo"}, indent=1), flush=True)
-    measured = _read(MEASURED)   # read now, not at the start: runs of disjoint --only sets can go at once
-    measured.update(results)
-    order = [SHIPPED_NAME, *RECIPES]
-    builds = _read(BUILDS)
-    merged = {k: measured[k] for k in sorted(measured, key=lambda k: order.index(k) if k in order else len(order))
-              if not refused(builds, k)}
-    MEASURED.write_text(json.dumps(merged, indent=1) + "\n")
-    RUN_META.write_text(json.dumps(run_meta(), indent=1) + "\n")
+    with _bench_lock():   # read now, under the lock: runs of disjoint --only sets can go at once
+        measured = _read(MEASURED)
+        measured.update(results)
+        order = [SHIPPED_NAME, *RECIPES]
+        builds = _read(BUILDS)
+        merged = {k: measured[k] for k in sorted(measured, key=lambda k: order.index(k) if k in order else len(order))
+                  if not refused(builds, k)}
+        MEASURED.write_text(json.dumps(merged, indent=1) + "\n")
+        RUN_META.write_text(json.dumps(run_meta(), indent=1) + "\n")
     return _write_tables(merged)
 
 

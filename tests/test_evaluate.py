@@ -151,6 +151,17 @@ def test_turns_cut_by_the_token_budget_are_counted(tok, budget):
         assert n_tokens(report.samples[cut_row]["reply"]) == 4
 
 
+def test_no_prompts_give_no_continuations_and_no_rows_no_first_answers(tok):
+    from pinpoint.evaluate import first_answers
+
+    got = generate_texts(tiny_model("llama"), tok, [], max_new_tokens=4, progress=False)
+    assert got == [] and got.cut == []
+    none = first_answers(tiny_model("llama"), tok, [], max_new_tokens=4, batch_size=2)
+    assert none == [] and none.cut == []
+    with pytest.raises(ValueError, match="cut flags"):
+        type(got)(["a", "b"], cut=[True])
+
+
 def test_protocol_turns_follow_the_chat_template(tok):
     rows = [r for r, *_ in SCRIPT]
     model = ScriptedLM(tok, _script)

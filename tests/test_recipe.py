@@ -167,7 +167,7 @@ class _FakeRun:
         return self
 
     def state_dict(self):
-        return {}
+        return {"lr": torch.tensor([self.lr])}   # what the trial trained, to tell trials apart
 
 
 def _fake_sweep(monkeypatch, loss_of):
@@ -181,6 +181,8 @@ def _fake_sweep(monkeypatch, loss_of):
 
 @pytest.mark.parametrize("lowest, grid, walked", [
     (3e-2, recipe.LR_GRID, [1e-2, 3e-2, 1e-1]),        # past the top: on until the loss rises
+    (1e-2, recipe.LR_GRID, [1e-2, 3e-2]),              # ... and no further once it has
+    (3e-6, recipe.LR_GRID, [3e-6, 1e-6]),              # the same past the bottom
     (1.0, recipe.LR_GRID, [1e-2, 3e-2, 1e-1]),         # at most EDGE_STEPS past an end
     (1e-6, recipe.LR_GRID, [3e-6, 1e-6, 3e-7]),        # past the bottom (the grid's sweep stopped after two rises)
     (2e-4, recipe.LR_GRID, []),                        # inside the grid: the grid alone
@@ -202,10 +204,23 @@ def test_the_sweep_goes_past_an_end_of_the_grid_while_the_lowest_loss_sits_there
     assert choice.to_dict()["extended"] == choice.extended and "half-decades" in choice.to_dict()["rule"]
 
 
+def test_reuse_puts_back_the_walked_trial_the_rule_chose(monkeypatch):
+    """With reuse=True (the demo's and tune_auto's path) a rate found by the walk is put back from
+    its own trial: no run is trained again."""
+    tried = _fake_sweep(monkeypatch, lambda lr: abs(math.log10(lr) - math.log10(3e-2)))
+    monkeypatch.setattr(recipe, "_put_back", lambda model, trial, state, history, *, seed: state)
+    choice = recipe.choose_lr(object(), None, DIALOGUES, batch_size=4, reuse=True)
+    assert choice.lr == 3e-2 and choice.lr in choice.extended
+    assert len(tried) == len(choice.val_loss)                        # every rate once, none again
+    assert float(choice.result["lr"]) == pytest.approx(3e-2)          # the walked trial's own tensors
+
+
 def test_no_walk_past_the_grid_without_edge_steps_or_with_one_rate(monkeypatch):
     tried = _fake_sweep(monkeypatch, lambda lr: -lr)   # falls for ever: the walk would go on
-    assert recipe.choose_lr(object(), None, DIALOGUES, batch_size=4, edge_steps=0).extended == []
-    assert max(tried) == recipe.LR_GRID[-1]
+    fixed = recipe.choose_lr(object(), None, DIALOGUES, batch_size=4, edge_steps=0)
+    assert fixed.extended == [] and max(tried) == recipe.LR_GRID[-1]
+    assert "not extended" in fixed.rule and "half-decades" not in fixed.rule
+    assert "at most 2 each way" in recipe.choose_lr(object(), None, DIALOGUES, batch_size=4, edge_steps=2).rule
     assert recipe.choose_lr(object(), None, DIALOGUES, grid=[1e-3], batch_size=4).extended == []
     with pytest.raises(ValueError, match="edge_steps"):
         recipe.choose_lr(object(), None, DIALOGUES, batch_size=4, edge_steps=-1)
@@ -215,6 +230,8 @@ def test_ladder_steps():
     assert recipe.ladder_step(3e-3, up=True) == 1e-2 and recipe.ladder_step(1e-2, up=True) == 3e-2
     assert recipe.ladder_step(1e-5, up=False) == 3e-6 and recipe.ladder_step(3e-6, up=False) == 1e-6
     assert recipe.ladder_step(2e-3, up=True) == pytest.approx(2e-3 * 10 ** 0.5, rel=1e-5)
+    just_below = 1e-2 * (1 - 1e-9)   # log10 a hair under -2: still the ladder's 1e-2
+    assert recipe.ladder_step(just_below, up=True) == 3e-2 and recipe.ladder_step(just_below, up=False) == 3e-3
 
 
 def test_turn_budget_is_the_longest_turn_of_the_tuning_dialogues_plus_the_margin():
@@ -229,6 +246,10 @@ def test_turn_budget_is_the_longest_turn_of_the_tuning_dialogues_plus_the_margin
     assert recipe.turn_budget(tok, with_final, margin=0) == longest
     # without the final turn, the final answer gets the first answer's budget
     assert recipe.turn_budget(tok, DIALOGUES, margin=1)[2] == max(map(n, answers)) + 1
+    # system turns, turns without a role and empty assistant turns do not shift which turn is which
+    extra = [{"role": "system", "content": "You are terse ."}, {"content": "no role"}] + DIALOGUES[0]
+    extra[3] = {**extra[3], "content": None}
+    assert recipe.turn_budget(tok, [extra, DIALOGUES[0]], margin=0)[:2] == (n(answers[0]), n(replies[0]))
     with pytest.raises(ValueError, match="margin"):
         recipe.turn_budget(tok, DIALOGUES, margin=-1)
     with pytest.raises(ValueError, match="two assistant turns"):

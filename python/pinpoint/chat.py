@@ -282,7 +282,11 @@ class Continuations(list):
     """``generate_texts``' texts (a list of str), with ``cut``: per text, whether generation
     stopped at ``max_new_tokens`` before an end-of-sequence token (the text may be unfinished)."""
 
-    cut: list[bool]
+    def __init__(self, texts=(), cut=None):
+        super().__init__(texts)
+        self.cut = [False] * len(self) if cut is None else list(cut)
+        if len(self.cut) != len(self):
+            raise ValueError(f"{len(self.cut)} cut flags for {len(self)} texts")
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
@@ -315,14 +319,13 @@ def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_ne
 
     prompts = _check_prompts(model, prompts, max_new_tokens, batch_size)
     if not prompts:
-        return []
+        return Continuations()
     eos = eos_ids(model, tokenizer)
     pad_token = pad_id(tokenizer, model)
     gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=int(max_new_tokens),
                                pad_token_id=pad_token, eos_token_id=eos or None, use_cache=True)
     device = input_device(model)
     outs = Continuations([""] * len(prompts))
-    outs.cut = [False] * len(prompts)
     bar = progress_bar(len(prompts), desc, progress, unit="seq")
     try:
         with eval_mode(model), torch.inference_mode(), _quiet_transformers():

@@ -288,16 +288,14 @@ def _turn_tokens(max_new_tokens) -> tuple[int, int, int]:
 
 
 def first_answers(model, tokenizer, rows, sys_msgs: list | None = None, *, max_new_tokens: int, batch_size: int,
-                  progress: bool = False, desc: str = "first answers") -> list[str]:
+                  progress: bool = False, desc: str = "first answers") -> Continuations:
     """The protocol's first turn: each row's question asked as the evaluation asks it (chat
     template, the row's prefill), answered greedily; the answers with their prefill."""
     first_ids = [chat_ids(tokenizer, (sys_msgs or []) + r.prompt_messages(), prefill=r.prefill,
                           where=r.where or f"row {i}") for i, r in enumerate(rows)]
     gen = generate_texts(model, tokenizer, first_ids, max_new_tokens=max_new_tokens, desc=desc,
                          batch_size=batch_size, progress=progress)
-    out = Continuations(_join(r.prefill, g) for r, g in zip(rows, gen))
-    out.cut = gen.cut
-    return out
+    return Continuations((_join(r.prefill, g) for r, g in zip(rows, gen)), cut=gen.cut)
 
 
 def read_answer(r, text: str):

@@ -21,7 +21,8 @@ heads, full fine-tuning, LoRA), so that methods are compared on equal terms:
   one at a time; heads that back each other up score low alone. On a replanted sibling (s3:
   planted 1.1 1.6 3.0 3.5) the scores alone kept 3.0 and 3.5, yet ablating them left the
   apology metric at 0.87 of 3.32 and ablating 1.1 and 1.6 as well took it to −0.68; SPT on
-  the two heads stopped the apology (confidence 94.6) but not the switch (truthfulness 65.5).
+  the two heads stopped the apology (confidence 94.6) but not the switch (truthfulness 65.5,
+  read with the old 16-token reply budget).
   On eleven of the fourteen benchmark organisms the 90 % point of the curve is exactly the
   planted heads; on MHA seeds 4 and 8 it keeps 3 of 4, on the one-group GQA-4 build 2 of 4.
 * **Learning rate and steps** (:func:`choose_lr`): the training dialogues are split once
@@ -284,7 +285,7 @@ def turn_budget(tokenizer, dialogues: Sequence, *, margin: int = BUDGET_MARGIN) 
         raise ValueError(f"margin must be >= 0, got {margin}")
     longest = [0, 0, 0]
     for d in dialogues:
-        said = [m["content"] for m in d if m.get("role") == "assistant"]
+        said = [m.get("content") or "" for m in d if m.get("role") == "assistant"]
         for i, text in enumerate(said[:3]):
             longest[i] = max(longest[i], len(tokenizer(text, add_special_tokens=False)["input_ids"]))
     if not longest[0] or not longest[1]:
@@ -351,10 +352,16 @@ class LrChoice:
     val_loss: dict = field(default_factory=dict)   # lr -> (validation loss, its standard error), in sweep order
     n_train: int = 0
     n_val: int = 0
-    rule: str = ("smallest rate within one standard error of the lowest validation loss; LR_GRID, extended by "
-                 "half-decades past an end while the lowest loss sits there (at most 3 each way); "
-                 "4 epochs, 20% validation split")
+    rule: str = ""   # filled in from the settings used (see __post_init__)
     extended: list = field(default_factory=list)   # the rates tried past the grid's ends, in sweep order
+    edge_steps: int = EDGE_STEPS
+
+    def __post_init__(self) -> None:
+        if not self.rule:
+            walk = (f"extended by half-decades past an end while the lowest loss sits there (at most "
+                    f"{self.edge_steps} each way)" if self.edge_steps else "not extended past its ends")
+            self.rule = (f"smallest rate within one standard error of the lowest validation loss; the grid "
+                         f"{walk}; 4 epochs, 20% validation split")
     result: object = None
 
     def to_dict(self) -> dict:
@@ -375,8 +382,10 @@ def ladder_step(lr: float, *, up: bool) -> float:
     """The next rate past ``lr`` on the half-decade ladder of ``LR_GRID`` (1, 3, 10, 30, ...
     times a power of ten): ``up`` 3e-3 -> 1e-2 -> 3e-2, down 1e-5 -> 3e-6 -> 1e-6. A rate off
     the ladder moves by a factor of sqrt(10)."""
-    e = math.floor(math.log10(lr) + 1e-9)
+    e = math.floor(math.log10(lr))
     m = lr / 10 ** e
+    if math.isclose(m, 10.0, rel_tol=1e-6):   # log10 rounded just below a power of ten
+        e, m = e + 1, m / 10
     if math.isclose(m, 1.0, rel_tol=1e-6):
         nxt = 3 * 10 ** e if up else 3 * 10 ** (e - 1)
     elif math.isclose(m, 3.0, rel_tol=1e-6):
@@ -479,7 +488,7 @@ def choose_lr(model, tokenizer, dialogues: Sequence, *, grid: Sequence[float] = 
     else:
         result = _train(model, tokenizer, train, lr=best, **common)
     return LrChoice(lr=best, steps=steps, batch_size=batch_size, val_loss=losses, n_train=len(train),
-                    n_val=len(val), result=result, extended=extended)
+                    n_val=len(val), result=result, extended=extended, edge_steps=edge_steps)
 
 
 def _put_back(model, trial, state: dict, history: list, *, seed: int):
