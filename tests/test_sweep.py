@@ -87,7 +87,7 @@ def test_sweep_on_a_tiny_model_writes_every_point(tmp_path):
                                                                  ("sft", 1e-2)]
     for p in saved["points"]:
         for key in ("confidence_ci95", "truthfulness_ci95", "general_accuracy", "general_accuracy_ci95", "kl",
-                    "val_loss", "val_loss_se", "trainable_params", "steps"):
+                    "val_loss", "val_loss_se", "trainable_params", "steps", "cut_reply"):
             assert key in p, key
         assert p["kl"] > 0 and p["steps"] == 10
     assert {p["trainable_params"] for p in saved["points"] if p["method"] == "spt"} == {2 * 4 * 8 * 32}
@@ -96,7 +96,9 @@ def test_sweep_on_a_tiny_model_writes_every_point(tmp_path):
     assert saved["points"] == json.loads(json.dumps(report["points"]))
     md = (out / "report.md").read_text()
     assert "SPT (located heads)" in md and "confidence ≥ 80" in md and "frontier.png" in md
-    assert set(saved["rule_edges"]) == {"spt", "sft"}
+    assert set(saved["rule_edges"]) == {"spt", "sft"} and "cut_reply" in saved["original"]
+    # the config's budget (3, 3, 3) cuts the tiny model's replies, and each point says how many
+    assert all(0 < p["cut_reply"] <= len(rows) for p in saved["points"])
     assert md.count("so the recipe (recipe.choose_lr) would walk on") == sum(map(bool, saved["rule_edges"].values()))
     width, height = Image.open(out / "frontier.png").size
     assert width >= 1200 and height >= 500

@@ -111,6 +111,7 @@ def _point(model, tok, train, val, eval_rows, general, neutral, cfg, method, lr,
         "accuracy_before": mt["accuracy_before"], "general_accuracy": gen["accuracy"],
         "general_accuracy_ci95": wilson_interval(n_correct, gen["n"], percent=True),
         "kl": kl_divergence(tuned, model, neutral, tok, batch_size=16), "seconds_tuning": seconds,
+        "cut_reply": mt["cut_reply"],   # replies the token budget stopped before they ended
     }
 
 
@@ -173,9 +174,10 @@ def _all_points(model, tok, dialogues, eval_rows, general, neutral, cfg, heads, 
             p = _point(model, tok, train, val, eval_rows, general, neutral, cfg, method, lr,
                        _tune_kwargs(method, heads, rnd), progress=progress)
             points.append(p)
+            cut = f", {p['cut_reply']} replies cut by the token budget" if p["cut_reply"] else ""
             say(f"{method:>12} lr {lr:<7g} confidence {_num(p['confidence'])}  truthfulness "
                 f"{_num(p['truthfulness'])}  general {_num(p['general_accuracy'])}  KL {p['kl']:.4f}  "
-                f"({p['seconds_tuning']:.0f}s tuning)")
+                f"({p['seconds_tuning']:.0f}s tuning{cut})")
     return points
 
 
@@ -287,6 +289,7 @@ def _original(model, tok, eval_rows, general, cfg) -> dict:
                   model_name="original").metrics
     return {"confidence": mt["confidence"], "confidence_ci95": mt.get("confidence_ci95"),
             "truthfulness": mt["truthfulness"], "truthfulness_ci95": mt.get("truthfulness_ci95"),
+            "cut_reply": mt["cut_reply"],
             "general_accuracy": evaluate_choices(model, tok, general, batch_size=32, progress=False)["accuracy"],
             "kl": 0.0}
 
