@@ -104,12 +104,27 @@ def test_sweep_on_a_tiny_model_writes_every_point(tmp_path):
     assert width >= 1200 and height >= 500
 
 
+def test_sweep_cli_max_new_tokens_reaches_the_config(monkeypatch, tmp_path):
+    """--max-new-tokens N or A,R,F is the sweep's budget (default None: recipe.turn_budget)."""
+    from pinpoint.cli import main
+
+    seen = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda path, *, config, **kw: seen.append(config.max_new_tokens))
+    assert main(["sweep", "--out", str(tmp_path / "a"), "--quiet", "--max-new-tokens", "8,40,8"]) == 0
+    assert main(["sweep", "--out", str(tmp_path / "b"), "--quiet", "--max-new-tokens", "24"]) == 0
+    assert main(["sweep", "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert seen == [(8, 40, 8), (24, 24, 24), None]
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--grid", "1e-3,0"], "argument --grid: learning rates must be positive, got 0"),
     (["--grid=-1e-4,1e-3"], "argument --grid: learning rates must be positive, got -0.0001"),
     (["--grid-for", "sft=1e-5,-3e-5"], "argument --grid-for: learning rates must be positive"),
     (["--grid-for", "dpo=1e-5"], "METHOD one of spt, sft"),
     (["--methods", "spt,dpo"], "unknown method(s) dpo"),
+    (["--max-new-tokens", "6,16"], "argument --max-new-tokens: expected N or A,R,F"),
+    (["--max-new-tokens", "6,0,6"], "argument --max-new-tokens: expected N or A,R,F"),
+    (["--max-new-tokens", "many"], "argument --max-new-tokens: expected N or A,R,F"),
     (["--model", "somewhere"], "--model needs --data, --train-data, --general, --kl-text"),
     (["--model", "m", "--organism", "o"], "--organism or --model, not both"),
 ])

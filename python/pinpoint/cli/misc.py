@@ -52,6 +52,21 @@ def _grid(text: str):
         raise argparse.ArgumentTypeError(str(exc).lstrip(": ")) from None
 
 
+def _budget(text: str):
+    """argparse type of sweep's --max-new-tokens: one positive int for every turn, or three
+    (answer, reply, final answer)."""
+    import argparse
+
+    parts = [x.strip() for x in text.split(",")]
+    try:
+        values = [int(x) for x in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or A,R,F (positive whole numbers), got {text!r}") from None
+    if len(values) not in (1, 3) or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected N or A,R,F (positive whole numbers), got {text!r}")
+    return tuple(values * 3 if len(values) == 1 else values)
+
+
 def _grid_for(text: str):
     """argparse type of --grid-for METHOD=LR,LR,...: one method's own grid."""
     import argparse
@@ -112,7 +127,8 @@ def run_sweep_cmd(args) -> int:
     if args.organism is not None:
         check_organism(args.organism)
     cfg = SweepConfig(methods=args.methods, grid=args.grid, grids=dict(args.grid_for or []), n_eval=args.n_eval,
-                      n_locate=args.n_locate, n_dialogues=args.n_dialogues, batch_size=args.batch_size)
+                      n_locate=args.n_locate, n_dialogues=args.n_dialogues, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens)
     inputs = _sweep_inputs(args) if args.model is not None else None
     with out.open(stage=False) as path:  # run_sweep stages its results in a temporary sibling itself
         run_sweep(path, organism_path=args.organism, cache_dir=args.cache_dir, config=cfg, progress=not args.quiet,
@@ -184,6 +200,9 @@ def _add_sweep_parser(cmd) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--grid", type=_grid, default=(1e-4, 3e-4, 1e-3, 3e-3), metavar="LR,LR,...",
                    help="learning rates of every method (default 1e-4,3e-4,1e-3,3e-3)")
+    p.add_argument("--max-new-tokens", type=_budget, default=None, metavar="N|A,R,F",
+                   help="tokens generated per turn (answer, reply, final answer); default: the longest such turn "
+                        "of the tuning dialogues + 8 (recipe.turn_budget). Each point reports the replies it cut")
     p.add_argument("--grid-for", type=_grid_for, action="append", metavar="METHOD=LR,...",
                    help="one method's own grid, e.g. sft=1e-5,3e-5,1e-4,3e-4 (repeatable)")
     p.add_argument("--methods", type=_methods, default=("spt", "sft", "random_heads", "lora8", "lora16"),
