@@ -215,8 +215,8 @@ def _tune_and_evaluate(out: Path, plans, model, tok, dialogues, eval_rows, gener
         if choice is not None:
             runs[name]["recipe"] = choice.to_dict()
             chosen = f", rule chose lr {choice.lr:g}, {choice.steps} steps"
-        cut = runs[name]["cut_reply"]
-        cut = f"; {cut} replies cut by the token budget {cfg.max_new_tokens}" if cut else ""
+        n_cut = runs[name]["cut_reply"]
+        cut = f"; {n_cut} replies cut by the token budget {cfg.max_new_tokens}" if n_cut else ""
         say(f"{name}: confidence {format_rate(runs[name]['confidence'])}, truthfulness "
             f"{format_rate(runs[name]['truthfulness'])} ({seconds:.1f}s tuning{chosen}{cut})")
     return runs

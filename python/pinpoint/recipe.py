@@ -355,6 +355,7 @@ class LrChoice:
     rule: str = ""   # filled in from the settings used (see __post_init__)
     extended: list = field(default_factory=list)   # the rates tried past the grid's ends, in sweep order
     edge_steps: int = EDGE_STEPS
+    result: object = None
 
     def __post_init__(self) -> None:
         if not self.rule:
@@ -362,7 +363,6 @@ class LrChoice:
                     f"{self.edge_steps} each way)" if self.edge_steps else "not extended past its ends")
             self.rule = (f"smallest rate within one standard error of the lowest validation loss; the grid "
                          f"{walk}; 4 epochs, 20% validation split")
-    result: object = None
 
     def to_dict(self) -> dict:
         return {"lr": self.lr, "steps": self.steps, "batch_size": self.batch_size, "n_train": self.n_train,
