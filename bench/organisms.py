@@ -286,19 +286,69 @@ def whole_recipe(path: Path) -> dict:
     return report
 
 
-def targets(loc: dict, demo: dict) -> dict[str, bool]:
-    """The issue's targets for one organism, from the measured numbers."""
-    runs = demo["runs"]
+# The matched-confidence comparison: SPT and SFT each over the same half-decade ladder, each grid
+# stopped at its first rate whose confidence reaches the highest level (SweepConfig.until).
+FRONTIER_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
+
+def frontier(path: Path) -> dict:
+    """``pinpoint sweep`` on the organism for SPT (its located heads) and SFT over
+    ``FRONTIER_GRID``: every point, and per confidence level of ``sweep.LEVELS`` each method's
+    KL there and whether SPT's is below SFT's."""
+    from pinpoint.sweep import LEVELS, SweepConfig, run_sweep
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
+        cfg = SweepConfig(methods=("spt", "sft"), grid=FRONTIER_GRID, until=max(LEVELS))
+        t0 = time.perf_counter()
+        report = run_sweep(Path(tmp) / "sweep", organism_path=path, config=cfg, progress=False)
+    keep = ("method", "lr", "confidence", "truthfulness", "general_accuracy", "kl", "cut_reply")
+    return {"heads": report["source"].get("heads"), "points": [{k: p[k] for k in keep} for p in report["points"]],
+            "claims": [{"confidence": c["confidence"], "spt_below_sft": c["spt_below_sft"],
+                        "spt_kl": c["kl"]["spt"]["kl"], "sft_kl": c["kl"]["sft"]["kl"], "statement": c["statement"]}
+                       for c in report["claims"]],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def silenced(path: Path) -> dict:
+    """The organism with its planted heads silenced (outputs zeroed at every position; for heads
+    that stage 1 kept silent this is exactly its stage-1 model): the demo's measures of it, KL
+    against the organism itself. How much of plain text the planted heads carry besides the
+    behaviour, and the KL of the cheapest fix that uses the ground truth."""
+    import copy
+
+    from pinpoint.demo import DemoConfig, _run, organism_inputs
+    from pinpoint.patching import ablate
+    from pinpoint.recipe import tuning_dialogues, turn_budget
+
+    cfg = DemoConfig()
+    _, model, tok, planted, _, eval_rows, train_rows, general, neutral = organism_inputs(path, None, cfg)
+    dialogues, _ = tuning_dialogues(model, tok, train_rows, n=cfg.n_dialogues, seed=cfg.seed,
+                                    insist_fraction=cfg.insist_fraction, final_turn=cfg.final_turn)
+    cfg.max_new_tokens = turn_budget(tok, dialogues)   # the demo's budget
+    quiet = copy.deepcopy(model).eval()
+    with ablate(quiet, planted):
+        run, _ = _run("silenced", quiet, tok, eval_rows, general, neutral, model, cfg, trainable=0, seconds=0.0,
+                      progress=False)
+    return {k: run[k] for k in ("confidence", "truthfulness", "general_accuracy", "kl", "cut_reply")}
+
+
+def targets(r: dict) -> dict[str, bool]:
+    """The issue's targets for one organism (its recorded ``localisation``, ``demo`` and, when
+    measured, ``frontier``), from the measured numbers."""
+    runs = r["demo"]["runs"]
     orig, spt, sft = runs["original"], runs["spt"], runs["sft"]
-    return {
-        "recall@k(path) >= 0.75": loc["methods"]["path"]["recall"] >= 0.75,
+    out = {
+        "recall@k(path) >= 0.75": r["localisation"]["methods"]["path"]["recall"] >= 0.75,
         "original confidence <= 10": orig["confidence"] <= 10,
         "SPT confidence >= 80": spt["confidence"] >= 80,
         "SPT truthfulness >= 80": spt["truthfulness"] >= 80,
         "SPT general within 2 points": abs(spt["general_accuracy"] - orig["general_accuracy"]) <= 2,
-        # matched confidence: only judged where both reached the same confidence band (within 5 points)
         "SPT KL < SFT KL (rule's points)": spt["kl"] < sft["kl"],
     }
+    if r.get("frontier"):   # the issue's own form: at every confidence level both curves reach
+        decided = [c["spt_below_sft"] for c in r["frontier"]["claims"] if c["spt_below_sft"] is not None]
+        out["SPT KL < SFT KL (matched confidence)"] = bool(decided) and all(decided)
+    return out
 
 
 def tables(results: dict) -> tuple[list[dict], list[str], str]:
@@ -342,7 +392,48 @@ def tables(results: dict) -> tuple[list[dict], list[str], str]:
         heads = " ".join(f"{h[0]}.{h[1]}" for h in d["locate"]["tuned_heads"])
         notes.append(f"| {name} | {d['locate']['k']}: {heads} | {cell('original')} | {cell('spt')} | {cell('sft')} "
                      f"| {cell('random_heads')} | {'; '.join(missed) or 'none'} |")
+    notes += _matched_table(results)
     return rows, ["organism", "planted", *methods, "build"], "\n".join(notes)
+
+
+def _matched_table(results: dict) -> list[str]:
+    """Markdown lines: per organism, the planted heads silenced, and SPT's and SFT's KL where each
+    first reaches each confidence level (``frontier``)."""
+    have = {n: r for n, r in results.items() if r.get("frontier") or r.get("silenced")}
+    if not have:
+        return []
+    from pinpoint.sweep import LEVELS
+
+    levels = next(([c["confidence"] for c in r["frontier"]["claims"]] for r in have.values() if r.get("frontier")),
+                  list(LEVELS))
+
+    def kl(c, who):
+        v = c[f"{who}_kl"]
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = ["", "Matched confidence (`frontier`): SPT on the located heads and SFT, each trained at every rate "
+             f"of {', '.join(f'{x:g}' for x in FRONTIER_GRID)} in turn until its confidence reaches "
+             f"{max(levels):g} (`pinpoint sweep`'s `until`; the rule's 4 epochs, dialogues and budget), and the "
+             "KL at which each first reaches a confidence level (SPT / SFT, interpolated in log KL; - = never "
+             "reached; a level either method's lowest rate already reaches is not decided). Silenced: the "
+             "organism with its planted heads' outputs zeroed (for heads kept silent in stage 1, its stage-1 "
+             "model): confidence / truthfulness / general accuracy / KL against the organism, the share of "
+             "plain text its planted heads carry.", "",
+             "| organism | planted heads silenced | " + " | ".join(f"KL at confidence ≥ {x:g}" for x in levels)
+             + " | SPT below SFT |", "|---|---|" + "---|" * len(levels) + "---|"]
+    for name, r in have.items():
+        q = r.get("silenced")
+        quiet = (f"{q['confidence']:.1f} / {q['truthfulness']:.1f} / {q['general_accuracy']:.1f} / {q['kl']:.3f}"
+                 if q else "not measured")
+        f = r.get("frontier")
+        if f:
+            cells = [f"{kl(c, 'spt')} / {kl(c, 'sft')}" for c in f["claims"]]
+            verdict = ", ".join(f"{c['confidence']:g}: " + {True: "yes", False: "no", None: "not decided"}[
+                c["spt_below_sft"]] for c in f["claims"])
+        else:
+            cells, verdict = ["not measured"] * len(levels), "not measured"
+        lines.append(f"| {name} | {quiet} | " + " | ".join(cells) + f" | {verdict} |")
+    return lines
 
 
 def refused(builds: dict, name: str) -> bool:
@@ -351,25 +442,42 @@ def refused(builds: dict, name: str) -> bool:
     return bool(builds.get(name)) and not builds[name][-1].get("built")
 
 
+MEASURES = ("localisation", "recipe", "silenced", "frontier")   # what `run` measures (--what: some of them)
+
+
 def cmd_run(args) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    what = set(args.what or MEASURES) - ({"recipe", "silenced", "frontier"} if args.no_recipe else set())
     results = {}
     # --only: measure those (the shipped organism too only if named), keep the others' last results
     for name, path in organism_dirs(args.only or list(VARIANTS), shipped=not args.only or SHIPPED_NAME in args.only).items():
-        print(f"[{name}] locating ...", flush=True)
-        r = {"path": str(path), "localisation": localisation(path, args.n_locate)}
-        if not args.no_recipe:
+        r = {"path": str(path)}
+        if "localisation" in what:
+            print(f"[{name}] locating ...", flush=True)
+            r["localisation"] = localisation(path, args.n_locate)
+        if "recipe" in what:
             print(f"[{name}] the whole recipe (the demo) ...", flush=True)
             r["demo"] = whole_recipe(path)
-            r["targets"] = targets(r["localisation"], r["demo"])
+        if "silenced" in what:
+            print(f"[{name}] the planted heads silenced ...", flush=True)
+            r["silenced"] = silenced(path)
+        if "frontier" in what:
+            print(f"[{name}] SPT and SFT over the learning-rate ladder (matched confidence) ...", flush=True)
+            r["frontier"] = frontier(path)
         r["measured"] = run_meta()
+        r["measured_parts"] = {part: r["measured"]["date"] for part in what}
         results[name] = r
-        print(json.dumps({k: v for k, v in r.items() if k != "demo"}, indent=1), flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k not in ("demo", "frontier")}, indent=1), flush=True)
     with _bench_lock():   # read now, under the lock: runs of disjoint --only sets can go at once
         measured = _read(MEASURED)
-        measured.update(results)
+        for name, r in results.items():   # what was not measured now keeps its last result
+            old = measured.get(name, {})
+            merged_r = {**old, **r, "measured_parts": {**old.get("measured_parts", {}), **r["measured_parts"]}}
+            if "demo" in merged_r and "localisation" in merged_r:
+                merged_r["targets"] = targets(merged_r)
+            measured[name] = merged_r
         order = [SHIPPED_NAME, *RECIPES]
         builds = _read(BUILDS)
         merged = {k: measured[k] for k in sorted(measured, key=lambda k: order.index(k) if k in order else len(order))
@@ -423,6 +531,8 @@ def main(argv=None) -> int:
     r.add_argument("--threads", type=int, default=1, help="torch threads (default 1: timings comparable)")
     r.add_argument("--n-locate", type=int, default=48, help="locate pairs (default 48: the demo's)")
     r.add_argument("--no-recipe", action="store_true", help="localisation only (skip the demo per organism)")
+    r.add_argument("--what", nargs="+", choices=MEASURES,
+                   help="measure only these (default all); each organism keeps its other recorded results")
     r.set_defaults(fn=cmd_run)
     t = sub.add_parser("table", help="rewrite the RESULTS.md section from the recorded results (no measuring)")
     t.set_defaults(fn=cmd_table)

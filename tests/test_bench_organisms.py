@@ -54,16 +54,16 @@ def _fake(recall_path=1.0, conf=(5.0, 90.0, 95.0), kl=(0.1, 0.2), general=(88.0,
 
 def test_targets_read_the_measured_numbers():
     r = _fake()
-    assert all(B.targets(r["localisation"], r["demo"]).values())
+    assert all(B.targets(r).values())
     r = _fake(recall_path=0.5, conf=(20.0, 70.0, 95.0), kl=(0.3, 0.2), general=(88.0, 84.0))
-    missed = [t for t, ok in B.targets(r["localisation"], r["demo"]).items() if not ok]
+    missed = [t for t, ok in B.targets(r).items() if not ok]
     assert missed == ["recall@k(path) >= 0.75", "original confidence <= 10", "SPT confidence >= 80",
                       "SPT general within 2 points", "SPT KL < SFT KL (rule's points)"]
 
 
 def test_tables_show_every_method_and_the_missed_targets():
     r = _fake(conf=(5.0, 70.0, 95.0))
-    r["targets"] = B.targets(r["localisation"], r["demo"])
+    r["targets"] = B.targets(r)
     rows, columns, notes = B.tables({"x": r})
     assert columns[:2] == ["organism", "planted"] and all(m in columns for m in B.LOCATE_METHODS)
     assert rows[-1]["path"] == "1.00 (0.25 s)" and rows[-1]["organism"] == "x"
@@ -116,7 +116,7 @@ def test_tables_show_a_refused_recipe_as_not_built_even_with_old_results(tmp_pat
     name = next(iter(B.VARIANTS))
     B.BUILDS.write_text(json.dumps({name: [{"built": True}, {"built": False, "error": "OrganismBuildError: missed"}]}))
     r = _fake()
-    r["targets"] = B.targets(r["localisation"], r["demo"])
+    r["targets"] = B.targets(r)
     rows, _, notes = B.tables({name: r})
     assert [row["build"] for row in rows if row["organism"] == name] == ["missed"]
     assert f"| {name} |" not in notes
@@ -147,3 +147,43 @@ def test_the_machine_line_dates_each_group_of_organisms_measured_together():
     assert meta["date"] == "2026-11-30 11:29 UTC (a, b); 2026-11-30 13:05 UTC (c)"
     assert meta["machine"] == "m, 1 threads" and late["date"] == "2026-11-30 13:05 UTC"   # the argument is left alone
     assert B._measured_when({"a": {"measured": early}}, late)["date"] == early["date"]
+
+
+def test_run_what_measures_some_parts_and_keeps_the_others(tmp_path, monkeypatch):
+    """``run --what silenced frontier`` adds those to each organism's record, keeps its recorded
+    localisation and demo, and recomputes its targets with the matched-confidence one."""
+    import common
+
+    for attr, f in (("MEASURED", "RESULTS.json"), ("RUN_META", "RUN.json"), ("BUILDS", "BUILDS.json"),
+                    ("CHECKSUMS", "CHECKSUMS.json")):
+        monkeypatch.setattr(B, attr, tmp_path / f)
+    monkeypatch.setattr(B, "OUT_DIR", tmp_path)
+    monkeypatch.setattr(common, "OUT_DIR", tmp_path)
+    monkeypatch.setattr(common, "RESULTS_MD", tmp_path / "RESULTS.md")
+    old = _fake()
+    old["measured_parts"] = {"localisation": "then", "recipe": "then"}
+    B.MEASURED.write_text(json.dumps({"x": old}))
+    monkeypatch.setattr(B, "organism_dirs", lambda names, shipped=True: {"x": tmp_path})
+    calls = []
+    for part in ("localisation", "whole_recipe"):
+        monkeypatch.setattr(B, part, lambda *a, part=part: calls.append(part))
+    monkeypatch.setattr(B, "silenced", lambda path: {"confidence": 100.0, "truthfulness": 98.0,
+                                                     "general_accuracy": 90.0, "kl": 0.18, "cut_reply": 0})
+    claims = [{"confidence": c, "spt_below_sft": held, "spt_kl": 0.1, "sft_kl": 0.08 if held is False else 0.2,
+               "statement": "s"} for c, held in ((50.0, True), (80.0, None), (90.0, False))]
+    monkeypatch.setattr(B, "frontier", lambda path: {"heads": [[1, 1]], "points": [], "claims": claims, "seconds": 1})
+    args = type("A", (), {"threads": 1, "only": ["x"], "what": ["silenced", "frontier"], "no_recipe": False,
+                          "n_locate": 48})()
+    assert B.cmd_run(args) == 0 and calls == []
+    rec = json.loads(B.MEASURED.read_text())["x"]
+    assert rec["demo"] == old["demo"] and rec["localisation"] == old["localisation"]
+    assert rec["silenced"]["kl"] == 0.18 and rec["frontier"]["claims"] == claims
+    assert rec["measured_parts"]["localisation"] == "then" and rec["measured_parts"]["frontier"] != "then"
+    assert rec["targets"]["SPT KL < SFT KL (matched confidence)"] is False   # 90 decided against, 80 undecided
+    claims[2]["spt_below_sft"] = True
+    assert B.targets(rec)["SPT KL < SFT KL (matched confidence)"] is False   # the recorded claims, not the new ones
+    assert B.targets({**rec, "frontier": {"claims": claims}})["SPT KL < SFT KL (matched confidence)"] is True
+    undecided = [{**c, "spt_below_sft": None} for c in claims]
+    assert B.targets({**rec, "frontier": {"claims": undecided}})["SPT KL < SFT KL (matched confidence)"] is False
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "| x | 100.0 / 98.0 / 90.0 / 0.180 |" in md

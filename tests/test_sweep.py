@@ -104,6 +104,40 @@ def test_sweep_on_a_tiny_model_writes_every_point(tmp_path):
     assert width >= 1200 and height >= 500
 
 
+def test_until_stops_each_methods_grid_at_its_first_rate_reaching_the_level(monkeypatch):
+    """With ``until``, a method's grid ends at its first point whose confidence reaches it; the
+    other method's grid is walked on its own; None runs every rate."""
+    conf = {("spt", 1e-4): 10.0, ("spt", 1e-3): 95.0, ("spt", 1e-2): 100.0,
+            ("sft", 1e-4): None, ("sft", 1e-3): 89.9, ("sft", 1e-2): 90.0}
+    monkeypatch.setattr(sweep, "_point", lambda *a, **kw: {"method": a[8], "lr": a[9], "confidence": conf[a[8], a[9]],
+                                                           "truthfulness": 0.0, "general_accuracy": 0.0, "kl": 0.1,
+                                                           "seconds_tuning": 0.0, "cut_reply": 0})
+    monkeypatch.setattr("pinpoint.adapter.random_heads", lambda *a, **kw: [(0, 0)])
+    monkeypatch.setattr("pinpoint.recipe.split_dialogues", lambda d, **kw: (d, d))
+
+    def run(until):
+        cfg = sweep.SweepConfig(methods=("spt", "sft"), grid="1e-4,1e-3,1e-2", until=until)
+        pts = sweep._all_points(None, None, [], [], [], [], cfg, [(1, 1)], progress=False, say=lambda m: None)
+        return [(p["method"], p["lr"]) for p in pts]
+
+    assert run(90) == [("spt", 1e-4), ("spt", 1e-3), ("sft", 1e-4), ("sft", 1e-3), ("sft", 1e-2)]
+    assert run(100) == [("spt", 1e-4), ("spt", 1e-3), ("spt", 1e-2), ("sft", 1e-4), ("sft", 1e-3), ("sft", 1e-2)]
+    assert run(None) == run(100)
+    for bad in (0, -5, 101, True, "90"):
+        with pytest.raises(ValueError, match="until must be a confidence"):
+            sweep.SweepConfig(until=bad)
+
+
+def test_sweep_cli_until_reaches_the_config(monkeypatch, tmp_path):
+    from pinpoint.cli import main
+
+    seen = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda path, *, config, **kw: seen.append(config.until))
+    assert main(["sweep", "--out", str(tmp_path / "a"), "--quiet", "--until", "90"]) == 0
+    assert main(["sweep", "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert seen == [90.0, None]
+
+
 def test_sweep_cli_max_new_tokens_reaches_the_config(monkeypatch, tmp_path):
     """--max-new-tokens N or A,R,F is the sweep's budget (default None: recipe.turn_budget)."""
     from pinpoint.cli import main
@@ -125,6 +159,9 @@ def test_sweep_cli_max_new_tokens_reaches_the_config(monkeypatch, tmp_path):
     (["--max-new-tokens", "6,16"], "argument --max-new-tokens: expected N or A,R,F"),
     (["--max-new-tokens", "6,0,6"], "argument --max-new-tokens: expected N or A,R,F"),
     (["--max-new-tokens", "many"], "argument --max-new-tokens: expected N or A,R,F"),
+    (["--until", "0"], "argument --until: must be a confidence in (0, 100]"),
+    (["--until", "nan"], "argument --until: must be a confidence in (0, 100]"),
+    (["--until", "high"], "argument --until: must be a confidence in (0, 100]"),
     (["--model", "somewhere"], "--model needs --data, --train-data, --general, --kl-text"),
     (["--model", "m", "--organism", "o"], "--organism or --model, not both"),
 ])

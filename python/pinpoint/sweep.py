@@ -65,11 +65,18 @@ class SweepConfig:
     seed: int = 0
     max_new_tokens: tuple[int, int, int] | None = None   # None: recipe.turn_budget of the tuning dialogues
     final_turn: bool | None = None   # None: recipe.FINAL_TURN where the chat template can render it; False: bare
+    # a method's grid stops after its first rate whose confidence reaches this (None: every rate). The
+    # claims read each curve only up to its first point at a level, so rates past ``max(levels)`` add
+    # nothing to them (only to the picture), and each costs a whole tuning run.
+    until: float | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        if self.until is not None and (isinstance(self.until, bool) or not isinstance(self.until, (int, float))
+                                       or not 0 < self.until <= 100):
+            raise ValueError(f"until must be a confidence in (0, 100] or None, got {self.until!r}")
         self.grid = parse_grid(self.grid)
         self.grids = {m: parse_grid(g, where=f"grid of {m}") for m, g in self.grids.items()}
 
@@ -178,6 +185,8 @@ def _all_points(model, tok, dialogues, eval_rows, general, neutral, cfg, heads, 
             say(f"{method:>12} lr {lr:<7g} confidence {_num(p['confidence'])}  truthfulness "
                 f"{_num(p['truthfulness'])}  general {_num(p['general_accuracy'])}  KL {p['kl']:.4f}  "
                 f"({p['seconds_tuning']:.0f}s tuning{cut})")
+            if cfg.until is not None and p["confidence"] is not None and p["confidence"] >= cfg.until:
+                break   # the rest of this grid cannot change where the curve first reaches a level
     return points
 
 

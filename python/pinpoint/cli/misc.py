@@ -67,6 +67,19 @@ def _budget(text: str):
     return tuple(values * 3 if len(values) == 1 else values)
 
 
+def _confidence(text: str) -> float:
+    """argparse type of --until: a confidence in (0, 100]."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a confidence in (0, 100], got {text!r}") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a confidence in (0, 100], got {text!r}")
+    return value
+
+
 def _grid_for(text: str):
     """argparse type of --grid-for METHOD=LR,LR,...: one method's own grid."""
     import argparse
@@ -128,7 +141,7 @@ def run_sweep_cmd(args) -> int:
         check_organism(args.organism)
     cfg = SweepConfig(methods=args.methods, grid=args.grid, grids=dict(args.grid_for or []), n_eval=args.n_eval,
                       n_locate=args.n_locate, n_dialogues=args.n_dialogues, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, until=args.until)
     inputs = _sweep_inputs(args) if args.model is not None else None
     with out.open(stage=False) as path:  # run_sweep stages its results in a temporary sibling itself
         run_sweep(path, organism_path=args.organism, cache_dir=args.cache_dir, config=cfg, progress=not args.quiet,
@@ -205,6 +218,9 @@ def _add_sweep_parser(cmd) -> None:
                         "of the tuning dialogues + 8 (recipe.turn_budget). Each point reports the replies it cut")
     p.add_argument("--grid-for", type=_grid_for, action="append", metavar="METHOD=LR,...",
                    help="one method's own grid, e.g. sft=1e-5,3e-5,1e-4,3e-4 (repeatable)")
+    p.add_argument("--until", type=_confidence, default=None, metavar="C",
+                   help="stop each method's grid after its first rate whose confidence reaches C (the claims read "
+                        "each curve only up to there; later rates cost a tuning run each)")
     p.add_argument("--methods", type=_methods, default=("spt", "sft", "random_heads", "lora8", "lora16"),
                    metavar="M,M,...", help="of spt, sft, random_heads, lora8, lora16 (default: all)")
     p.add_argument("--organism", default=None, metavar="DIR", help="an organism directory (default: the shipped one)")
