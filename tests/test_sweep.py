@@ -108,7 +108,8 @@ def test_until_stops_each_methods_grid_at_its_first_rate_reaching_the_level(monk
     """With ``until``, a method's grid ends at its first point whose confidence reaches it; the
     other method's grid is walked on its own; None runs every rate."""
     conf = {("spt", 1e-4): 10.0, ("spt", 1e-3): 95.0, ("spt", 1e-2): 100.0,
-            ("sft", 1e-4): None, ("sft", 1e-3): 89.9, ("sft", 1e-2): 90.0}
+            ("sft", 1e-4): None, ("sft", 1e-3): 90.0, ("sft", 1e-2): 95.0,
+            ("lora8", 1e-4): 100.0, ("lora8", 1e-3): 100.0, ("lora8", 1e-2): 100.0}
     monkeypatch.setattr(sweep, "_point", lambda *a, **kw: {"method": a[8], "lr": a[9], "confidence": conf[a[8], a[9]],
                                                            "truthfulness": 0.0, "general_accuracy": 0.0, "kl": 0.1,
                                                            "seconds_tuning": 0.0, "cut_reply": 0})
@@ -116,16 +117,23 @@ def test_until_stops_each_methods_grid_at_its_first_rate_reaching_the_level(monk
     monkeypatch.setattr("pinpoint.recipe.split_dialogues", lambda d, **kw: (d, d))
 
     def run(until):
-        cfg = sweep.SweepConfig(methods=("spt", "sft"), grid="1e-4,1e-3,1e-2", until=until)
+        cfg = sweep.SweepConfig(methods=("spt", "sft", "lora8"), grid="1e-4,1e-3,1e-2", until=until)
         pts = sweep._all_points(None, None, [], [], [], [], cfg, [(1, 1)], progress=False, say=lambda m: None)
-        return [(p["method"], p["lr"]) for p in pts]
+        return [(p["method"], p["lr"]) for p in pts], sweep._stopped(pts, cfg)
 
-    assert run(90) == [("spt", 1e-4), ("spt", 1e-3), ("sft", 1e-4), ("sft", 1e-3), ("sft", 1e-2)]
-    assert run(100) == [("spt", 1e-4), ("spt", 1e-3), ("spt", 1e-2), ("sft", 1e-4), ("sft", 1e-3), ("sft", 1e-2)]
-    assert run(None) == run(100)
+    # confidence exactly at ``until`` stops the grid (>=); a first rung at the level trains one point
+    assert run(90) == ([("spt", 1e-4), ("spt", 1e-3), ("sft", 1e-4), ("sft", 1e-3), ("lora8", 1e-4)],
+                       {"spt": 1e-3, "sft": 1e-3, "lora8": 1e-4})
+    assert run(95) == ([("spt", 1e-4), ("spt", 1e-3), ("sft", 1e-4), ("sft", 1e-3), ("sft", 1e-2), ("lora8", 1e-4)],
+                       {"spt": 1e-3, "lora8": 1e-4})   # sft ran its whole grid: it has a rule pick
+    assert run(None)[0] == [(m, lr) for m in ("spt", "sft", "lora8") for lr in (1e-4, 1e-3, 1e-2)]
+    assert run(None)[1] == {}
     for bad in (0, -5, 101, True, "90"):
         with pytest.raises(ValueError, match="until must be a confidence"):
             sweep.SweepConfig(until=bad)
+    with pytest.raises(ValueError, match=r"until \(80\) must be at least the highest confidence level \(90\)"):
+        sweep.SweepConfig(until=80)   # level 90 would read "never reached"
+    assert sweep.SweepConfig(until=80, levels=(50.0, 80.0)).until == 80
 
 
 def test_sweep_cli_until_reaches_the_config(monkeypatch, tmp_path):
@@ -162,6 +170,7 @@ def test_sweep_cli_max_new_tokens_reaches_the_config(monkeypatch, tmp_path):
     (["--until", "0"], "argument --until: must be a confidence in (0, 100]"),
     (["--until", "nan"], "argument --until: must be a confidence in (0, 100]"),
     (["--until", "high"], "argument --until: must be a confidence in (0, 100]"),
+    (["--until", "80"], "--until: until (80) must be at least the highest confidence level (90)"),
     (["--model", "somewhere"], "--model needs --data, --train-data, --general, --kl-text"),
     (["--model", "m", "--organism", "o"], "--organism or --model, not both"),
 ])

@@ -77,6 +77,10 @@ class SweepConfig:
         if self.until is not None and (isinstance(self.until, bool) or not isinstance(self.until, (int, float))
                                        or not 0 < self.until <= 100):
             raise ValueError(f"until must be a confidence in (0, 100] or None, got {self.until!r}")
+        if self.until is not None and self.levels and self.until < max(self.levels):
+            # a curve cut below a level would read as "never reached" there
+            raise ValueError(f"until ({self.until:g}) must be at least the highest confidence level "
+                             f"({max(self.levels):g})")
         self.grid = parse_grid(self.grid)
         self.grids = {m: parse_grid(g, where=f"grid of {m}") for m, g in self.grids.items()}
 
@@ -204,6 +208,12 @@ def _losses(points: list[dict]) -> dict:
     return out
 
 
+def _stopped(points: list[dict], cfg: SweepConfig) -> dict:
+    """Per method whose grid ``cfg.until`` cut short: the last rate it ran."""
+    return {m: max(p["lr"] for p in points if p["method"] == m) for m in cfg.methods
+            if 0 < sum(p["method"] == m for p in points) < len(cfg.grid_for(m))}
+
+
 def _rule_picks(points: list[dict]) -> dict:
     """Per method: the grid rate the recipe's one-standard-error rule picks from the points' validation losses."""
     from .recipe import one_se_choice
@@ -255,8 +265,10 @@ def run_sweep(out, *, organism_path=None, cache_dir=None, config: SweepConfig | 
         cfg = replace(cfg, max_new_tokens=turn_budget(tok, dialogues))
     model.eval()
     points = _all_points(model, tok, dialogues, eval_rows, general, neutral, cfg, heads, progress=progress, say=say)
+    stopped = _stopped(points, cfg)   # a grid cut short says nothing about where the loss is lowest
+    whole = [p for p in points if p["method"] not in stopped]
     report = {"source": source, "original": _original(model, tok, eval_rows, general, cfg), "points": points,
-              "rule_picks": _rule_picks(points), "rule_edges": _rule_edges(points),
+              "stopped": stopped, "rule_picks": _rule_picks(whole), "rule_edges": _rule_edges(whole),
               "claims": sweep_claims(points, cfg.levels),
               "config": {**asdict(cfg), "grids": {m: list(cfg.grid_for(m)) for m in cfg.methods}}}
     with staging_dir(out) as work:
@@ -370,6 +382,9 @@ def report_markdown(report: dict) -> str:
                     f"of its grid, so the recipe (recipe.choose_lr) would walk on past it; extend its grid "
                     f"(--grid-for {m}=...) to see the rate the recipe picks."
                     for m, way in report.get("rule_edges", {}).items() if way)
+    edges += "".join(f"\n\n{LABELS[m]}: its grid stopped at {lr:g}, its first rate reaching confidence "
+                     f"{report['config']['until']:g} (until), so no rule pick is marked for it."
+                     for m, lr in report.get("stopped", {}).items())
     return (f"# pinpoint sweep\n\nSource: {report['source']}\n\n## Every point\n\n" + "\n".join(rows)
             + "\n\n\"(rule)\" marks the rate the recipe's one-standard-error rule picks from these points' "
             "validation losses." + edges + "\n\n## The claim, per confidence level\n\n\"SPT moves the model less than SFT for "

@@ -139,9 +139,12 @@ def run_sweep_cmd(args) -> int:
         raise UserError("pass --organism or --model, not both")
     if args.organism is not None:
         check_organism(args.organism)
-    cfg = SweepConfig(methods=args.methods, grid=args.grid, grids=dict(args.grid_for or []), n_eval=args.n_eval,
-                      n_locate=args.n_locate, n_dialogues=args.n_dialogues, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, until=args.until)
+    try:
+        cfg = SweepConfig(methods=args.methods, grid=args.grid, grids=dict(args.grid_for or []), n_eval=args.n_eval,
+                          n_locate=args.n_locate, n_dialogues=args.n_dialogues, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, until=args.until)
+    except ValueError as exc:   # the combination of valid flags (--until below the highest level)
+        raise UserError(f"--until: {exc}") from None
     inputs = _sweep_inputs(args) if args.model is not None else None
     with out.open(stage=False) as path:  # run_sweep stages its results in a temporary sibling itself
         run_sweep(path, organism_path=args.organism, cache_dir=args.cache_dir, config=cfg, progress=not args.quiet,
