@@ -26,7 +26,8 @@ The placements were chosen before any was built, and nothing was tuned after a r
 * ``s1-layer2``: the shipped placement (4 heads of layer 2, silent in stage 1), another seed;
 * ``s3-layers1+3``: heads in layers 1 and 3 (3 is the last layer), busy in stage 1;
 * ``s4-last-layer``: every planted head in the last layer;
-* ``s5-layers0+2+3``: the first layer, two shipped-silent heads of layer 2, and the last layer;
+* ``s5-layers0+2+3``: the first layer, two heads of layer 2 (2.0 and 2.1: busy in stage 1, like
+  all four here; the shipped silent heads are 2.2-2.5), and the last layer;
 * ``s6-redundant``: two heads that back each other up: stage 2 trains each alone on half of
   its steps (head dropout, ``active_weights``), so either one carries the behaviour by itself
   and knocking one out leaves the other;
@@ -345,10 +346,21 @@ def targets(r: dict) -> dict[str, bool]:
         "SPT general within 2 points": abs(spt["general_accuracy"] - orig["general_accuracy"]) <= 2,
         "SPT KL < SFT KL (rule's points)": spt["kl"] < sft["kl"],
     }
-    if r.get("frontier"):   # the issue's own form: at every confidence level both curves reach
-        decided = [c["spt_below_sft"] for c in r["frontier"]["claims"] if c["spt_below_sft"] is not None]
-        out["SPT KL < SFT KL (matched confidence)"] = bool(decided) and all(decided)
+    if r.get("frontier"):   # the issue's own form, at every confidence level
+        out["SPT KL < SFT KL (matched confidence)"] = matched_holds(r["frontier"]["claims"])
     return out
+
+
+def matched_holds(claims: list[dict]) -> bool:
+    """Whether SPT's KL is below SFT's at every decided level, with at least one decided. A level
+    only SFT reaches counts against SPT (it did not fix there), one only SPT reaches for it."""
+    verdicts = []
+    for c in claims:
+        if c["spt_below_sft"] is not None:
+            verdicts.append(c["spt_below_sft"])
+        elif (c["spt_kl"] is None) != (c["sft_kl"] is None):
+            verdicts.append(c["spt_kl"] is not None)
+    return bool(verdicts) and all(verdicts)
 
 
 def tables(results: dict) -> tuple[list[dict], list[str], str]:
@@ -363,6 +375,8 @@ def tables(results: dict) -> tuple[list[dict], list[str], str]:
             rows.append({"organism": name, "planted": " ".join(f"{h[0]}.{h[1]}" for h in RECIPES[name]["heads"]),
                          **{x: "not built" for x in LOCATE_METHODS}, "build": error})
     for name, r in results.items():
+        if "localisation" not in r:   # only other parts measured yet (run --what)
+            continue
         m = r["localisation"]["methods"]
         row = {"organism": name, "planted": " ".join(f"{h[0]}.{h[1]}" for h in r["localisation"]["planted"])}
         row.update({x: f"{m[x]['recall']:.2f} ({m[x]['seconds']:.2f} s)" for x in methods})
@@ -380,7 +394,7 @@ def tables(results: dict) -> tuple[list[dict], list[str], str]:
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         d = r.get("demo")
-        if d is None:
+        if d is None or "targets" not in r:
             continue
 
         def cell(x, d=d):
@@ -394,6 +408,12 @@ def tables(results: dict) -> tuple[list[dict], list[str], str]:
                      f"| {cell('random_heads')} | {'; '.join(missed) or 'none'} |")
     notes += _matched_table(results)
     return rows, ["organism", "planted", *methods, "build"], "\n".join(notes)
+
+
+def _span(results: dict, parts) -> str:
+    """The first and last date at which ``parts`` of ``results`` were measured ("a to b", or one date)."""
+    dates = sorted({d for r in results.values() for part, d in r.get("measured_parts", {}).items() if part in parts})
+    return "at an unrecorded time" if not dates else dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
 
 
 def _matched_table(results: dict) -> list[str]:
@@ -415,10 +435,12 @@ def _matched_table(results: dict) -> list[str]:
              f"of {', '.join(f'{x:g}' for x in FRONTIER_GRID)} in turn until its confidence reaches "
              f"{max(levels):g} (`pinpoint sweep`'s `until`; the rule's 4 epochs, dialogues and budget), and the "
              "KL at which each first reaches a confidence level (SPT / SFT, interpolated in log KL; - = never "
-             "reached; a level either method's lowest rate already reaches is not decided). Silenced: the "
+             "reached; a level is not decided where the lower KL is a method's lowest rate, only an upper "
+             "bound there). Silenced: the "
              "organism with its planted heads' outputs zeroed (for heads kept silent in stage 1, its stage-1 "
              "model): confidence / truthfulness / general accuracy / KL against the organism, the share of "
-             "plain text its planted heads carry.", "",
+             f"plain text its planted heads carry. Measured {_span(have, ('frontier', 'silenced'))} "
+             "(the same machine).", "",
              "| organism | planted heads silenced | " + " | ".join(f"KL at confidence ≥ {x:g}" for x in levels)
              + " | SPT below SFT |", "|---|---|" + "---|" * len(levels) + "---|"]
     for name, r in have.items():
@@ -450,6 +472,8 @@ def cmd_run(args) -> int:
 
     torch.set_num_threads(args.threads)
     what = set(args.what or MEASURES) - ({"recipe", "silenced", "frontier"} if args.no_recipe else set())
+    if not what:
+        raise SystemExit("organisms.py run: --no-recipe leaves nothing of --what to measure")
     results = {}
     # --only: measure those (the shipped organism too only if named), keep the others' last results
     for name, path in organism_dirs(args.only or list(VARIANTS), shipped=not args.only or SHIPPED_NAME in args.only).items():
@@ -467,14 +491,16 @@ def cmd_run(args) -> int:
             print(f"[{name}] SPT and SFT over the learning-rate ladder (matched confidence) ...", flush=True)
             r["frontier"] = frontier(path)
         r["measured"] = run_meta()
-        r["measured_parts"] = {part: r["measured"]["date"] for part in what}
+        r["measured_parts"] = {part: r["measured"]["date"] for part in MEASURES if part in what}
         results[name] = r
         print(json.dumps({k: v for k, v in r.items() if k not in ("demo", "frontier")}, indent=1), flush=True)
     with _bench_lock():   # read now, under the lock: runs of disjoint --only sets can go at once
         measured = _read(MEASURED)
         for name, r in results.items():   # what was not measured now keeps its last result
             old = measured.get(name, {})
-            merged_r = {**old, **r, "measured_parts": {**old.get("measured_parts", {}), **r["measured_parts"]}}
+            merged_r = {**old, **r, "measured_parts": {**_parts_dates(old), **r["measured_parts"]}}
+            if not {"localisation", "recipe"} & what and "measured" in old:
+                merged_r["measured"] = old["measured"]   # the table's machine line: the localisation and demo
             if "demo" in merged_r and "localisation" in merged_r:
                 merged_r["targets"] = targets(merged_r)
             measured[name] = merged_r
@@ -485,6 +511,16 @@ def cmd_run(args) -> int:
         MEASURED.write_text(json.dumps(merged, indent=1) + "\n")
         RUN_META.write_text(json.dumps(run_meta(), indent=1) + "\n")
     return _write_tables(merged)
+
+
+def _parts_dates(record: dict) -> dict:
+    """When each recorded part was measured (a record from before ``measured_parts``: its
+    localisation and demo at its ``measured`` date)."""
+    if "measured_parts" in record:
+        return dict(record["measured_parts"])
+    date = record.get("measured", {}).get("date")
+    return {part: date for part, key in (("localisation", "localisation"), ("recipe", "demo"))
+            if key in record and date}
 
 
 def cmd_table(args) -> int:

@@ -3,6 +3,7 @@ benchmark's tables and targets read the measured numbers right."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -161,7 +162,8 @@ def test_run_what_measures_some_parts_and_keeps_the_others(tmp_path, monkeypatch
     monkeypatch.setattr(common, "OUT_DIR", tmp_path)
     monkeypatch.setattr(common, "RESULTS_MD", tmp_path / "RESULTS.md")
     old = _fake()
-    old["measured_parts"] = {"localisation": "then", "recipe": "then"}
+    old["measured"] = {"machine": "m, 1 threads", "torch": "t", "date": "then", "ci": False}   # no measured_parts:
+    # a record from before them, its localisation and demo of its "measured" date
     B.MEASURED.write_text(json.dumps({"x": old}))
     monkeypatch.setattr(B, "organism_dirs", lambda names, shipped=True: {"x": tmp_path})
     calls = []
@@ -179,6 +181,8 @@ def test_run_what_measures_some_parts_and_keeps_the_others(tmp_path, monkeypatch
     assert rec["demo"] == old["demo"] and rec["localisation"] == old["localisation"]
     assert rec["silenced"]["kl"] == 0.18 and rec["frontier"]["claims"] == claims
     assert rec["measured_parts"]["localisation"] == "then" and rec["measured_parts"]["frontier"] != "then"
+    assert rec["measured"] == old["measured"]   # the machine line still dates the localisation and the demo
+    assert list(rec["measured_parts"]) == ["localisation", "recipe", "silenced", "frontier"]
     assert rec["targets"]["SPT KL < SFT KL (matched confidence)"] is False   # 90 decided against, 80 undecided
     claims[2]["spt_below_sft"] = True
     assert B.targets(rec)["SPT KL < SFT KL (matched confidence)"] is False   # the recorded claims, not the new ones
@@ -186,4 +190,30 @@ def test_run_what_measures_some_parts_and_keeps_the_others(tmp_path, monkeypatch
     undecided = [{**c, "spt_below_sft": None} for c in claims]
     assert B.targets({**rec, "frontier": {"claims": undecided}})["SPT KL < SFT KL (matched confidence)"] is False
     md = (tmp_path / "RESULTS.md").read_text()
-    assert "| x | 100.0 / 98.0 / 90.0 / 0.180 |" in md
+    assert "| x | 100.0 / 98.0 / 90.0 / 0.180 | 0.100 / 0.200 | 0.100 / 0.200 | 0.100 / 0.080 |" in md
+    assert re.search(r"Machine: [^\n]*; then\.", md)   # dated by the localisation and demo, not by this run
+
+
+@pytest.mark.parametrize("verdicts, spt, sft, holds", [
+    ((True, True, True), (0.1,) * 3, (0.2,) * 3, True),
+    ((True, None, True), (0.1, 0.2, 0.3), (0.2, 0.3, 0.4), True),      # an upper bound left one level undecided
+    ((None, None, None), (0.1,) * 3, (0.2,) * 3, False),              # nothing decided: not shown
+    ((True, None, None), (0.1, 0.2, None), (0.2, 0.3, 0.4), False),   # SPT never reached 90, SFT did
+    ((True, None, None), (0.1, 0.2, 0.3), (0.2, 0.3, None), True),    # SFT never reached 90, SPT did
+    ((None, None, None), (None,) * 3, (None,) * 3, False),            # neither fixed
+    ((True, False, True), (0.1,) * 3, (0.2,) * 3, False),
+])
+def test_matched_confidence_holds_only_where_spt_is_below_at_every_decided_level(verdicts, spt, sft, holds):
+    claims = [{"confidence": c, "spt_below_sft": v, "spt_kl": a, "sft_kl": b}
+              for c, v, a, b in zip((50.0, 80.0, 90.0), verdicts, spt, sft)]
+    assert B.matched_holds(claims) is holds
+
+
+def test_tables_skip_an_organism_with_only_other_parts_measured():
+    """``run --what frontier`` on an organism never localised records it without the parts the
+    first two tables need: they leave it out instead of failing."""
+    r = _fake()
+    r["targets"] = B.targets(r)
+    rows, _, notes = B.tables({"x": r, "y": {"silenced": {"confidence": 1.0, "truthfulness": 2.0,
+                                                           "general_accuracy": 3.0, "kl": 0.5}}})
+    assert [row["organism"] for row in rows] == ["x"] and "| y | 1.0 / 2.0 / 3.0 / 0.500 | not measured" in notes
