@@ -317,15 +317,11 @@ def silenced(path: Path) -> dict:
     behaviour, and the KL of the cheapest fix that uses the ground truth."""
     import copy
 
-    from pinpoint.demo import DemoConfig, _run, organism_inputs
+    from pinpoint.demo import DemoConfig, _run, organism_inputs, tuning_inputs
     from pinpoint.patching import ablate
-    from pinpoint.recipe import tuning_dialogues, turn_budget
 
-    cfg = DemoConfig()
-    _, model, tok, planted, _, eval_rows, train_rows, general, neutral = organism_inputs(path, None, cfg)
-    dialogues, _ = tuning_dialogues(model, tok, train_rows, n=cfg.n_dialogues, seed=cfg.seed,
-                                    insist_fraction=cfg.insist_fraction, final_turn=cfg.final_turn)
-    cfg.max_new_tokens = turn_budget(tok, dialogues)   # the demo's budget
+    _, model, tok, planted, _, eval_rows, train_rows, general, neutral = organism_inputs(path, None, DemoConfig())
+    _, _, cfg = tuning_inputs(model, tok, train_rows, DemoConfig())   # the demo's evaluation budget
     quiet = copy.deepcopy(model).eval()
     with ablate(quiet, planted):
         run, _ = _run("silenced", quiet, tok, eval_rows, general, neutral, model, cfg, trainable=0, seconds=0.0,

@@ -127,13 +127,28 @@ def organism_inputs(organism_path, cache_dir, cfg):
     return path, model, tok, planted, locate_rows, eval_rows, train_rows, general, neutral
 
 
+def tuning_inputs(model, tok, train_rows, cfg):
+    """(dialogues, their mix, ``cfg`` with its evaluation budget): the tuning dialogues of the demo
+    and the sweep (``cfg.n_dialogues``, ``seed``, ``final_turn``, and ``insist_fraction`` where the
+    config has one), and, where ``cfg.max_new_tokens`` is None, the budget the recipe's rule reads
+    from them (what the tuning dialogues say, and a margin: ``recipe.turn_budget``)."""
+    from .recipe import tuning_dialogues, turn_budget
+
+    dialogues, mix = tuning_dialogues(model, tok, train_rows, n=cfg.n_dialogues, seed=cfg.seed,
+                                      insist_fraction=getattr(cfg, "insist_fraction", None),
+                                      final_turn=cfg.final_turn)
+    if cfg.max_new_tokens is None:
+        cfg = replace(cfg, max_new_tokens=turn_budget(tok, dialogues))
+    return dialogues, mix, cfg
+
+
 def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_rows, general, neutral, cfg, *,
                 progress, say) -> dict:
     """Locate, knockout, tune four ways, evaluate; files into ``out``; returns the report."""
     from .adapter import random_heads
     from .data import challenge_pairs
     from .locate import knockout, locate
-    from .recipe import choose_k_by_ablation, tuning_dialogues, turn_budget
+    from .recipe import choose_k_by_ablation
 
     # 1. locate + knockout
     t0 = time.perf_counter()
@@ -156,11 +171,8 @@ def _demo_steps(out: Path, model, tok, planted, locate_rows, eval_rows, train_ro
     curve.plot(out / "knockout.png", title="Knockout of the top-k located heads (mean ablation)")
 
     # 2-3. tune four ways, each at the rate the rule chooses, and evaluate each
-    dialogues, mix = tuning_dialogues(model, tok, train_rows, n=cfg.n_dialogues, seed=cfg.seed,
-                                      insist_fraction=cfg.insist_fraction, final_turn=cfg.final_turn)
+    dialogues, mix, cfg = tuning_inputs(model, tok, train_rows, cfg)
     say(f"dialogues: {len(dialogues)}, insist fraction {mix['insist_fraction']:.3f} ({mix['rule']})")
-    if cfg.max_new_tokens is None:   # the evaluation's budget: what the tuning dialogues say, and a margin
-        cfg = replace(cfg, max_new_tokens=turn_budget(tok, dialogues))
     plans = [
         ("original", None),
         ("spt", dict(heads=tuned_heads)),

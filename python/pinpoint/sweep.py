@@ -24,7 +24,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = ["METHODS", "LEVELS", "SweepConfig", "kl_at_confidence", "parse_grid", "run_sweep", "sweep_claims"]
@@ -51,6 +51,13 @@ def parse_grid(text, *, where: str = "--grid") -> tuple[float, ...]:
     return tuple(sorted(set(values)))
 
 
+def check_until(value, *, where: str = "until") -> float:
+    """``value`` if it is a confidence in (0, 100] (a number, not a bool); ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
+        raise ValueError(f"{where} must be a confidence in (0, 100], got {value!r}")
+    return float(value)
+
+
 @dataclass
 class SweepConfig:
     methods: tuple[str, ...] = METHODS
@@ -74,9 +81,8 @@ class SweepConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-        if self.until is not None and (isinstance(self.until, bool) or not isinstance(self.until, (int, float))
-                                       or not 0 < self.until <= 100):
-            raise ValueError(f"until must be a confidence in (0, 100] or None, got {self.until!r}")
+        if self.until is not None:
+            check_until(self.until)
         if self.until is not None and self.levels and self.until < max(self.levels):
             # a curve cut below a level would read as "never reached" there
             raise ValueError(f"until ({self.until:g}) must be at least the highest confidence level "
@@ -236,7 +242,7 @@ def run_sweep(out, *, organism_path=None, cache_dir=None, config: SweepConfig | 
     eval rows, training rows, general choices, neutral texts) of a real model; default: the
     organism's. ``heads`` None: located by path patching on the locate rows, k by
     :func:`pinpoint.recipe.choose_k_by_ablation`. Returns the report."""
-    from .demo import check_out_path, organism_inputs
+    from .demo import check_out_path, organism_inputs, tuning_inputs
     from .files import publish_dir, staging_dir
 
     cfg = config or SweepConfig()
@@ -256,13 +262,8 @@ def run_sweep(out, *, organism_path=None, cache_dir=None, config: SweepConfig | 
     else:
         heads = [tuple(h) for h in heads]
         source["heads"] = [list(h) for h in heads]
-    from .recipe import tuning_dialogues, turn_budget
-
-    dialogues, mix = tuning_dialogues(model, tok, train_rows, n=cfg.n_dialogues, seed=cfg.seed,
-                                      final_turn=cfg.final_turn)
+    dialogues, mix, cfg = tuning_inputs(model, tok, train_rows, cfg)
     source["dialogue_mix"] = mix
-    if cfg.max_new_tokens is None:   # the evaluation's budget: what the tuning dialogues say, and a margin
-        cfg = replace(cfg, max_new_tokens=turn_budget(tok, dialogues))
     model.eval()
     points = _all_points(model, tok, dialogues, eval_rows, general, neutral, cfg, heads, progress=progress, say=say)
     stopped = _stopped(points, cfg)   # a grid cut short says nothing about where the loss is lowest

@@ -68,16 +68,15 @@ def _budget(text: str):
 
 
 def _confidence(text: str) -> float:
-    """argparse type of --until: a confidence in (0, 100]."""
+    """argparse type of --until: a confidence in (0, 100] (``sweep.check_until``)."""
     import argparse
 
+    from ..sweep import check_until
+
     try:
-        value = float(text)
+        return check_until(float(text), where="")
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a confidence in (0, 100], got {text!r}") from None
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"must be a confidence in (0, 100], got {text!r}")
-    return value
 
 
 def _grid_for(text: str):
